@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX export with manifests (the engines issue builds this stage)."""

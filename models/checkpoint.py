@@ -1,0 +1,111 @@
+"""The model bundle and its checkpoint: one .safetensors file with the config and tokenizer in its metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from nuwaxl.models.text import PromptEncoder, PromptTokenizer, default_tokenizer_json
+from nuwaxl.models.unet import MaskUNet3D
+from nuwaxl.models.vae import TKLVAE
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from nuwaxl.config import ModelConfig
+from nuwaxl.errors import UserError
+
+FORMAT = "nuwaxl-checkpoint"
+FORMAT_VERSION = "1"
+
+
+class NuwaModels(nn.Module):
+    """T-KLVAE + Mask 3D-UNet + prompt encoder, with the config and tokenizer that define them."""
+
+    def __init__(self, config: ModelConfig, tokenizer_json: str | None = None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = PromptTokenizer(tokenizer_json or default_tokenizer_json(), config.text.max_length)
+        if self.tokenizer.vocab_size > config.text.vocab_size:
+            raise UserError(f"tokenizer has {self.tokenizer.vocab_size} tokens but text.vocab_size is "
+                            f"{config.text.vocab_size}; raise text.vocab_size")
+        self.vae = TKLVAE(config.vae)
+        self.unet = MaskUNet3D(config.unet)
+        self.text = PromptEncoder(config.text, self.tokenizer.eos, self.tokenizer.pad)
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0) -> NuwaModels:
+        """Freshly initialised weights, identical for the same seed (paper init: identity/zero temporal layers)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(config).eval()
+
+    def num_parameters(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in ("vae", "unet", "text")}
+
+
+def save_checkpoint(models: NuwaModels, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write atomically: a failed save never leaves a half-written file under the final name."""
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in models.state_dict().items()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": models.config.to_json(),
+                "tokenizer": models.tokenizer.json}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}; pass --checkpoint with a .safetensors file written by "
+                        "trt-nuwaxl, or --preset NAME for random weights")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path} is not a readable safetensors file ({e}); re-download or re-save it") from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise UserError(f"checkpoint {path} carries no trt-nuwaxl config in its metadata; "
+                        "save it with nuwaxl.models.checkpoint.save_checkpoint")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {meta.get('format_version')}, this trt-nuwaxl reads "
+                        f"{FORMAT_VERSION}; upgrade trt-nuwaxl or re-save the checkpoint")
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> NuwaModels:
+    meta = read_metadata(path)
+    try:
+        config = ModelConfig.from_dict(json.loads(meta["config"]))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"checkpoint {path} has a malformed config ({e})") from None
+    with torch.device("meta"):
+        models = NuwaModels(config, meta.get("tokenizer"))
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path} is corrupt ({e}); re-download or re-save it") from None
+    expected = models.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"checkpoint {path} does not match its own config: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    bad = [k for k, v in state.items() if v.shape != expected[k].shape]
+    if bad:
+        raise UserError(f"checkpoint {path} has tensors of the wrong shape for its config: {bad[:5]}")
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    models.load_state_dict(state, assign=True)
+    return models.to(device=device, dtype=dtype).eval()

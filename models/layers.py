@@ -1,0 +1,103 @@
+"""Factorized space-time layers shared by the T-KLVAE and the Mask 3D-UNet.
+
+Hidden states travel as (B*L, C, H, W) so spatial layers treat frames as batch (paper Eq. 8);
+temporal layers fold space into batch instead (Eq. 9, and TA after Eq. 15). `num_frames` = L.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TemporalConv(nn.Module):
+    """1-D convolution over frames, initialised to the identity (paper Eq. 1)."""
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        # A (k,1,1) Conv3d is exactly a Conv1d over L applied at every pixel, and exports cleanly to ONNX.
+        self.conv = nn.Conv3d(channels, channels, (kernel_size, 1, 1), padding=(kernel_size // 2, 0, 0))
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            for i in range(channels):
+                self.conv.weight[i, i, kernel_size // 2, 0, 0] = 1.0
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        bl, c, h, w = x.shape
+        x5 = x.reshape(bl // num_frames, num_frames, c, h, w).transpose(1, 2)  # (B, C, L, H, W)
+        return self.conv(x5).transpose(1, 2).reshape(bl, c, h, w)
+
+
+class STConv(nn.Module):
+    """A spatial convolution followed, when temporal layers are on, by an identity-initialised temporal one."""
+
+    def __init__(self, cin: int, cout: int, temporal: bool, kernel_size: int = 3, stride: int = 1):
+        super().__init__()
+        self.spatial = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=kernel_size // 2)
+        self.temporal = TemporalConv(cout) if temporal else None
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        x = self.spatial(x)
+        return self.temporal(x, num_frames) if self.temporal is not None else x
+
+
+class Attention(nn.Module):
+    """Multi-head attention on (N, S, D) sequences; optional cross-attention context (N, S_ctx, D_ctx)."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, zero_out: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        if zero_out:  # paper Eq. 2: the new temporal branch starts as a no-op
+            nn.init.zeros_(self.to_out.weight)
+            nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = x if context is None else context
+        n, s, d = x.shape
+        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
+        q, k, v = (t.reshape(n, -1, self.num_heads, d // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, S, d_head)
+        return self.to_out(out.transpose(1, 2).reshape(n, s, d))
+
+
+def frame_position_encoding(num_frames: int, dim: int, device, dtype) -> torch.Tensor:
+    """Sinusoidal encoding of frame index, (L, dim): attention alone cannot tell frame order."""
+    pos = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None]
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    args = pos * freqs  # (L, dim/2)
+    pe = torch.stack((torch.sin(args), torch.cos(args)), dim=-1).reshape(num_frames, dim)  # sin, cos interleaved
+    return pe.to(dtype)
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention over frames with space folded into batch; zero-initialised output (Eq. 2)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, zero_out=True)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: (B*L, S, D) with S = H*W tokens per frame."""
+        bl, s, d = x.shape
+        b = bl // num_frames
+        xt = x.reshape(b, num_frames, s, d).transpose(1, 2).reshape(b * s, num_frames, d)  # (B*S, L, D)
+        h = self.norm(xt) + frame_position_encoding(num_frames, d, x.device, x.dtype)
+        xt = xt + self.attn(h)
+        return xt.reshape(b, s, num_frames, d).transpose(1, 2).reshape(bl, s, d)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of diffusion timesteps t (B,) -> (B, dim), as in DDPM / LDM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)

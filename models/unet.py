@@ -1,0 +1,184 @@
+"""Mask 3D-UNet (MTD, paper section 3.2, Fig. 3).
+
+Every layer: [skip concat (up blocks, Eq. 6)] -> ResBlock (timestep added, Eq. 7; spatial then temporal conv,
+Eq. 8-9) -> visual-condition and mask injection (Eq. 10-11) -> SA, PA, TA (Eq. 12-15).
+The visual condition x0^c reaches each resolution through a cascade of convolutions; the binary mask x0^m through
+max-pooling. Injection is switchable per the paper's ablation: MI (every scale vs. only the highest) and SI
+(down and up blocks vs. only up blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from nuwaxl.models.layers import Attention, STConv, TemporalAttention, timestep_embedding
+from torch import nn
+
+from nuwaxl.config import UNetConfig
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, temporal: bool):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = STConv(cin, cout, temporal)
+        self.temb_proj = nn.Linear(temb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.conv2 = STConv(cout, cout, temporal)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), num_frames)
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # Eq. 7: h := h + t
+        h = self.conv2(F.silu(self.norm2(h)), num_frames)
+        return self.skip(x) + h
+
+
+class ConditionInjection(nn.Module):
+    """Eq. 10-11: zero-initialised convolutions turn x0^c and x0^m into scale and shift; a no-op at init."""
+
+    def __init__(self, channels: int, cond_channels: int):
+        super().__init__()
+        self.cond = nn.Conv2d(cond_channels, 2 * channels, 1)
+        self.mask = nn.Conv2d(1, 2 * channels, 1)
+        for conv in (self.cond, self.mask):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w_c, b_c = self.cond(cond).chunk(2, dim=1)
+        h = w_c * h + b_c + h  # Eq. 10
+        w_m, b_m = self.mask(mask).chunk(2, dim=1)
+        return w_m * h + b_m + h  # Eq. 11
+
+
+class SpaceTimeTransformer(nn.Module):
+    """SA over the H*W tokens of each frame, PA to that frame's prompt, TA over frames, then a feed-forward."""
+
+    def __init__(self, channels: int, num_heads: int, context_dim: int, groups: int, temporal: bool):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.norm_sa = nn.LayerNorm(channels)
+        self.self_attn = Attention(channels, num_heads)
+        self.norm_pa = nn.LayerNorm(channels)
+        self.cross_attn = Attention(channels, num_heads, context_dim=context_dim)
+        self.temporal = TemporalAttention(channels, num_heads) if temporal else None
+        self.norm_ff = nn.LayerNorm(channels)
+        self.ff = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        bl, c, hh, ww = x.shape
+        h = self.proj_in(self.norm(x).reshape(bl, c, hh * ww).transpose(1, 2))  # (B*L, HW, C)
+        h = h + self.self_attn(self.norm_sa(h))  # Eq. 12-13
+        h = h + self.cross_attn(self.norm_pa(h), context)  # Eq. 14-15, context (B*L, l_p, d_p)
+        if self.temporal is not None:
+            h = self.temporal(h, num_frames)
+        h = h + self.ff(self.norm_ff(h))
+        return x + self.proj_out(h).transpose(1, 2).reshape(bl, c, hh, ww)
+
+
+class UNetLayer(nn.Module):
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig, temb_dim: int, attention: bool, inject: bool):
+        super().__init__()
+        self.res = ResBlock(cin, cout, temb_dim, cfg.norm_groups, cfg.temporal)
+        self.inject = ConditionInjection(cout, cout) if inject else None
+        self.attn = (SpaceTimeTransformer(cout, cfg.num_heads, cfg.context_dim, cfg.norm_groups, cfg.temporal)
+                     if attention else None)
+
+    def forward(self, h, temb, context, cond, mask, num_frames):
+        h = self.res(h, temb, num_frames)
+        if self.inject is not None:
+            h = self.inject(h, cond, mask)
+        if self.attn is not None:
+            h = self.attn(h, context, num_frames)
+        return h
+
+
+class MaskUNet3D(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, t, n = cfg.channels, cfg.temporal, len(cfg.channels)
+        temb_dim = 4 * ch[0]
+        self.time_embed = nn.Sequential(nn.Linear(ch[0], temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = STConv(cfg.latent_channels, ch[0], t)
+
+        def injected(level: int, up: bool) -> bool:
+            return (up or cfg.inject_symmetric) and (cfg.inject_multiscale or level == 0)
+
+        # Visual condition cascade: x0^c at latent resolution -> features at every level's resolution.
+        self.cond_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.cond_down = nn.ModuleList(nn.Conv2d(ch[i - 1], ch[i], 3, stride=2, padding=1) for i in range(1, n))
+
+        self.down = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        skip_channels = [ch[0]]
+        cin = ch[0]
+        for i, cout in enumerate(ch):
+            self.down.append(nn.ModuleList(
+                UNetLayer(cin if j == 0 else cout, cout, cfg, temb_dim, cfg.attention[i], injected(i, up=False))
+                for j in range(cfg.num_res_blocks)))
+            skip_channels += [cout] * cfg.num_res_blocks
+            cin = cout
+            if i < n - 1:
+                self.downsamples.append(STConv(cout, cout, t, stride=2))
+                skip_channels.append(cout)
+
+        mid_inject = cfg.inject_multiscale and cfg.inject_symmetric  # the mid block is neither up nor highest
+        self.mid = nn.ModuleList([
+            UNetLayer(ch[-1], ch[-1], cfg, temb_dim, attention=True, inject=mid_inject),
+            UNetLayer(ch[-1], ch[-1], cfg, temb_dim, attention=False, inject=False),
+        ])
+
+        self.up = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in reversed(range(n)):
+            cout = ch[i]
+            layers = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(UNetLayer(cin + skip_channels.pop(), cout, cfg, temb_dim, cfg.attention[i],
+                                        injected(i, up=True)))
+                cin = cout
+            self.up.append(layers)
+            if i > 0:
+                self.upsamples.append(STConv(cout, cout, t))
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[0])
+        self.conv_out = STConv(ch[0], cfg.latent_channels, t)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, cond: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """Predict the noise eps_theta(x_t, p, t, x0^c) of Eq. 5.
+
+        x, cond: (B, L, c, h, w); timesteps: (B,); context: (B, L, l_p, d_p) per-frame prompt embeddings;
+        mask: (B, L, 1, h, w), 1 where the frame is a visual condition. Returns (B, L, c, h, w).
+        """
+        b, l = x.shape[:2]
+        temb = self.time_embed(timestep_embedding(timesteps, self.cfg.channels[0]).to(x.dtype))
+        temb = temb.repeat_interleave(l, dim=0)  # (B*L, temb_dim)
+        context = context.flatten(0, 1)  # (B*L, l_p, d_p): frames as batch for PA
+        conds, masks = [self.cond_in(cond.flatten(0, 1))], [mask.flatten(0, 1)]
+        for conv in self.cond_down:
+            conds.append(conv(F.silu(conds[-1])))
+            masks.append(F.max_pool2d(masks[-1], 2))
+
+        h = self.conv_in(x.flatten(0, 1), l)
+        skips = [h]
+        for i, layers in enumerate(self.down):
+            for layer in layers:
+                h = layer(h, temb, context, conds[i], masks[i], l)
+                skips.append(h)
+            if i < len(self.downsamples):
+                h = self.downsamples[i](h, l)
+                skips.append(h)
+        for layer in self.mid:
+            h = layer(h, temb, context, conds[-1], masks[-1], l)
+        for k, layers in enumerate(self.up):
+            i = len(self.up) - 1 - k
+            for layer in layers:
+                h = layer(torch.cat([skips.pop(), h], dim=1), temb, context, conds[i], masks[i], l)  # Eq. 6
+            if k < len(self.upsamples):
+                h = self.upsamples[k](F.interpolate(h, scale_factor=2.0, mode="nearest"), l)
+        out = self.conv_out(F.silu(self.norm_out(h)), l)
+        return out.unflatten(0, (b, l))

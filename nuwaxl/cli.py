@@ -1,0 +1,149 @@
+"""`trt-nuwaxl` command line. User errors print one line naming the value and the fix, and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from nuwaxl.errors import UserError
+
+PRESET_NAMES = ("tiny", "small", "paper")
+
+
+def bundled_story() -> Path:
+    return Path(str(resources.files("nuwaxl").joinpath("assets/story.txt")))
+
+
+def bundled_checkpoint() -> Path | None:
+    """Trained default weights, once the training work ships them."""
+    path = Path(str(resources.files("nuwaxl").joinpath("assets/weights/small.safetensors")))
+    return path if path.is_file() else None
+
+
+def read_story(path: str | Path) -> list[str]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"story file not found: {path}; pass --story with a text file of one prompt per line") from None
+    except IsADirectoryError:
+        raise UserError(f"story path {path} is a directory; pass a text file of one prompt per line") from None
+    except UnicodeDecodeError:
+        raise UserError(f"story file {path} is not UTF-8 text; save it as UTF-8, one prompt per line") from None
+    except OSError as e:
+        raise UserError(f"cannot read story file {path}: {e.strerror or e}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"story file {path} has no prompts; write one prompt per line ('#' starts a comment)")
+    return prompts
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate a long video from a story (one prompt per line)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--story", default=None, help="text file, one prompt per line (default: the bundled example)")
+    p.add_argument("--frames", type=positive_int, default=226, help="number of frames N")
+    p.add_argument("--out", default="video.mp4", help="output .mp4 path")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint")
+    src.add_argument("--preset", choices=PRESET_NAMES, default=None, help="random weights of a preset")
+    p.add_argument("--frames-per-call", "-L", type=positive_int, default=None, help="L (default: the model's)")
+    p.add_argument("--depth", type=positive_int, default=None, help="m (default: the least that reaches N)")
+    p.add_argument("--mode", choices=("dod", "ar"), default="dod",
+                   help="dod: diffusion over diffusion; ar: autoregressive baseline (FDM*)")
+    p.add_argument("--ar-context", type=positive_int, default=1, help="AR: frames carried into the next window")
+    p.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=positive_int, default=None, help="frame size in px (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
+    p.add_argument("--max-batch", type=positive_int, default=None, help="calls per batched model call "
+                   "(default: a whole level)")
+    p.add_argument("--fps", type=positive_int, default=8)
+    p.add_argument("--sheet", default=None, help="PNG of the keyframe tree (default: OUT with _tree.png; "
+                   "'none' to skip)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> None:
+    from nuwaxl.runtime.pipeline import Pipeline
+    from nuwaxl.runtime.video import check_writable, tree_sheet, write_mp4, write_png
+
+    out = check_writable(args.out, ".mp4")
+    sheet = None if args.sheet == "none" else check_writable(args.sheet or out.with_name(out.stem + "_tree.png"),
+                                                             ".png")
+    prompts = read_story(args.story or bundled_story())
+    checkpoint = args.checkpoint or (None if args.preset else bundled_checkpoint())
+    kw = dict(device=args.device, precision=args.precision, resolution=args.resolution)
+    if checkpoint:
+        pipe = Pipeline.from_pretrained(checkpoint, **kw)
+    else:
+        name = args.preset or "small"
+        print(f"note: random weights of preset '{name}' (no trained weights bundled), so the video is noise-like",
+              file=sys.stderr)
+        pipe = Pipeline.from_preset(name, **kw)
+    request = pipe.prepare(prompts, args.frames, num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
+                           frames_per_call=args.frames_per_call, depth=args.depth, guidance_scale=args.guidance,
+                           sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch)
+    plan = request.plan
+    print(f"{args.frames} frames, mode {plan.mode}, L={plan.frames_per_call}, depth {plan.depth}, "
+          f"calls per level {[len(level) for level in plan.levels]}, {args.steps} {args.sampler} steps, "
+          f"{pipe.nets.spec.device} {str(pipe.nets.spec.dtype).removeprefix('torch.')}", file=sys.stderr)
+    keep = set(plan.producer()) if sheet is not None else set()
+    kept = {}
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def stream():
+        for pos, frame in pipe.run(request, progress=not args.quiet, timings=timings):
+            if pos in keep:
+                kept[pos] = frame
+            yield frame
+
+    count = write_mp4(stream(), out, fps=args.fps)
+    if sheet is not None and plan.mode == "dod":
+        import numpy as np
+
+        frames = np.zeros((plan.num_frames, *next(iter(kept.values())).shape), dtype=np.uint8)
+        for pos, frame in kept.items():
+            frames[pos] = frame
+        write_png(tree_sheet(frames, plan), sheet)
+    print(f"wrote {out} ({count} frames) in {time.perf_counter() - t0:.1f} s"
+          + (f", keyframe tree {sheet}" if sheet is not None and plan.mode == "dod" else ""), file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trt-nuwaxl", description="NUWA-XL long video generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"trt-nuwaxl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Typed model configuration and named presets: the one source of truth for shapes.
+
+Layout convention everywhere: (B, L, C, H, W) with L = frames of one diffusion call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from nuwaxl.errors import UserError
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """T-KLVAE (paper section 3.1): an LDM KL autoencoder with temporal layers (Eq. 1-2)."""
+
+    in_channels: int = 3
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (128, 256, 512, 512)  # one per resolution; len-1 downsamplings
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    temporal: bool = True  # False gives the image KLVAE of Table 2a
+    scaling_factor: float = 0.18215  # latents are scaled to ~unit variance before diffusion (LDM)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Mask 3D-UNet (paper section 3.2)."""
+
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    num_res_blocks: int = 2
+    attention: tuple[bool, ...] = (True, True, True, False)  # SA/PA/TA at each resolution
+    num_heads: int = 8
+    context_dim: int = 768
+    norm_groups: int = 32
+    inject_multiscale: bool = True  # MI: visual condition at every scale, else only the highest
+    inject_symmetric: bool = True  # SI: in down and up blocks, else only in up blocks
+    temporal: bool = True
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """CLIP text encoder (transformers' CLIPTextModel architecture)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_length: int = 77
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """DDPM forward process (Eq. 3-4), epsilon prediction."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    resolution: int = 128  # pixels, square frames
+    frames_per_call: int = 16  # L
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae.downsample_factor
+
+    def with_resolution(self, resolution: int) -> ModelConfig:
+        return dataclasses.replace(self, resolution=resolution)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        def sub(kind, values):
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(values) - names
+            if unknown:
+                raise UserError(f"unknown {kind.__name__} fields {sorted(unknown)}: written by a newer trt-nuwaxl?")
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        d = dict(d)
+        parts = {
+            "vae": sub(VAEConfig, d.pop("vae", {})),
+            "unet": sub(UNetConfig, d.pop("unet", {})),
+            "text": sub(TextConfig, d.pop("text", {})),
+            "diffusion": sub(DiffusionConfig, d.pop("diffusion", {})),
+        }
+        return cls(**d, **parts)
+
+
+def validate(cfg: ModelConfig) -> None:
+    """All shape rules in one place; each error says the value and the fix."""
+    factor = cfg.vae.downsample_factor
+    if cfg.resolution <= 0 or cfg.resolution % factor:
+        raise UserError(
+            f"resolution {cfg.resolution} px is not divisible by the VAE factor {factor}; "
+            f"use a multiple of {factor} (for example {max(factor, cfg.resolution // factor * factor)})"
+        )
+    need = factor * cfg.unet.downsample_factor
+    if cfg.resolution % need:
+        raise UserError(
+            f"resolution {cfg.resolution} px gives {cfg.latent_size}x{cfg.latent_size} latents, which the UNet's "
+            f"{len(cfg.unet.channels) - 1} downsamplings cannot halve evenly; use a multiple of {need} px"
+        )
+    if cfg.frames_per_call < 3:
+        raise UserError(f"frames_per_call L={cfg.frames_per_call}: local diffusion needs L >= 3 (first, middle, last)")
+    if len(cfg.unet.attention) != len(cfg.unet.channels):
+        raise UserError(
+            f"unet.attention has {len(cfg.unet.attention)} entries but unet.channels has {len(cfg.unet.channels)}; "
+            "give one flag per resolution"
+        )
+    for what, chans, groups in (("vae", cfg.vae.channels, cfg.vae.norm_groups),
+                                ("unet", cfg.unet.channels, cfg.unet.norm_groups)):
+        bad = [c for c in chans if c % groups]
+        if bad:
+            raise UserError(f"{what}.channels {bad} are not divisible by {what}.norm_groups={groups}")
+    bad = [c for c in cfg.unet.channels if c % cfg.unet.num_heads]
+    if bad:
+        raise UserError(f"unet.channels {bad} are not divisible by unet.num_heads={cfg.unet.num_heads}")
+    if cfg.text.hidden_size % cfg.text.num_heads:
+        raise UserError(f"text.hidden_size {cfg.text.hidden_size} is not divisible by text.num_heads")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tests: a few thousand parameters, 32 px frames, 4x4 latents.
+    "tiny": ModelConfig(
+        name="tiny",
+        resolution=32,
+        frames_per_call=16,
+        vae=VAEConfig(channels=(8, 8, 16, 16), num_res_blocks=1, norm_groups=4),
+        unet=UNetConfig(channels=(16, 32), num_res_blocks=1, attention=(True, True), num_heads=2,
+                        context_dim=32, norm_groups=4),
+        text=TextConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
+    ),
+    # CPU-friendly default: 64 px frames, 8x8 latents; small enough to ship trained in <= 20 MiB (fp16).
+    "small": ModelConfig(
+        name="small",
+        resolution=64,
+        frames_per_call=16,
+        vae=VAEConfig(channels=(32, 48, 64, 64), num_res_blocks=1, norm_groups=16),
+        unet=UNetConfig(channels=(64, 96, 128), num_res_blocks=1, attention=(True, True, True), num_heads=4,
+                        context_dim=128, norm_groups=16),
+        text=TextConfig(vocab_size=4096, hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4),
+    ),
+    # The scale NUWA-XL builds on: Stable-Diffusion-1.x-sized latent UNet + SD VAE + CLIP ViT-L/14 text encoder,
+    # 16 frames per call, 128 px -> 16x16 latents (256 px -> 32x32). About 1 B UNet parameters with temporal layers.
+    "paper": ModelConfig(name="paper"),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,145 @@
+"""The generation API, in the spirit of diffusers: `Pipeline.from_pretrained(path)(prompts, num_frames=...)`."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from nuwaxl.engine.base import Networks
+from nuwaxl.engine.torch_eager import TorchNetworks
+from nuwaxl.runtime.executor import Executor, PromptBank, SamplingOptions
+from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
+from nuwaxl.runtime.scheduler import LevelScheduler
+from tqdm.auto import tqdm
+
+from nuwaxl.diffusion import NoiseSchedule
+from nuwaxl.errors import UserError
+
+
+@dataclass(frozen=True)
+class Request:
+    plan: Plan
+    per_frame: list[str]  # one prompt per final frame
+    options: SamplingOptions
+    max_batch: int  # calls per batched model call
+
+
+@dataclass
+class VideoOutput:
+    frames: np.ndarray  # (N, H, W, 3) uint8
+    plan: Plan
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+class Pipeline:
+    def __init__(self, nets: Networks):
+        self.nets = nets
+        self.schedule = NoiseSchedule.from_config(nets.spec.config.diffusion)
+
+    @classmethod
+    def from_pretrained(cls, path, device: str | None = None, precision: str | None = None,
+                        resolution: int | None = None) -> Pipeline:
+        """Load a trt-nuwaxl .safetensors checkpoint (config and tokenizer are inside it)."""
+        return cls(TorchNetworks.from_checkpoint(path, device=device, precision=precision, resolution=resolution))
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, device: str | None = None, precision: str | None = None,
+                    resolution: int | None = None) -> Pipeline:
+        """Random weights of a named preset (tiny, small, paper): for tests and speed measurements."""
+        return cls(TorchNetworks.from_preset(name, seed=seed, device=device, precision=precision,
+                                             resolution=resolution))
+
+    @property
+    def config(self):
+        return self.nets.spec.config
+
+    def plan(self, num_frames: int, mode: Mode = "dod", frames_per_call: int | None = None,
+             depth: int | None = None, ar_context: int = 1, seed: int = 0) -> Plan:
+        L = frames_per_call or self.config.frames_per_call
+        if mode == "dod":
+            return plan_dod(num_frames, L, depth, seed)
+        if mode == "ar":
+            return plan_ar(num_frames, L, ar_context, seed)
+        raise UserError(f"unknown mode {mode!r}; use 'dod' (diffusion over diffusion) or 'ar' (autoregressive)")
+
+    def prepare(self, prompts: list[str] | str, num_frames: int, num_inference_steps: int = 25, seed: int = 0,
+                mode: Mode = "dod", frames_per_call: int | None = None, depth: int | None = None,
+                guidance_scale: float = 1.0, sampler: str = "ddim", eta: float = 0.0, ar_context: int = 1,
+                max_batch: int | None = None, vae_batch: int = 4) -> Request:
+        """Validate everything at the door, before any model work, and plan the calls."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise UserError("prompts must be strings")
+        if not 1 <= num_inference_steps <= self.schedule.num_train_timesteps:
+            raise UserError(f"num_inference_steps={num_inference_steps} must be between 1 and "
+                            f"{self.schedule.num_train_timesteps}")
+        if sampler not in ("ddim", "ddpm"):
+            raise UserError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'")
+        if guidance_scale < 1.0:
+            raise UserError(f"guidance_scale={guidance_scale} must be >= 1 (1 disables guidance)")
+        if max_batch is not None and max_batch < 1:
+            raise UserError(f"max_batch={max_batch} must be at least 1 (or None for a whole level)")
+        if vae_batch < 1:
+            raise UserError(f"vae_batch={vae_batch} must be at least 1")
+        per_frame = frame_prompts(prompts, num_frames)
+        plan = self.plan(num_frames, mode, frames_per_call, depth, ar_context, seed)
+        cap = max_batch or max(len(level) for level in plan.levels)
+        return Request(plan, per_frame, SamplingOptions(num_inference_steps, sampler, eta, guidance_scale, vae_batch),
+                       cap)
+
+    def iter_frames(self, prompts: list[str] | str, num_frames: int, progress: bool = True,
+                    timings: dict | None = None, **kwargs) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (frame index, (H, W, 3) uint8) in temporal order, each as soon as it and all before it are final.
+
+        Keyword arguments are those of `prepare`; they are checked before this returns.
+        """
+        return self.run(self.prepare(prompts, num_frames, **kwargs), progress, timings)
+
+    def __call__(self, prompts: list[str] | str, num_frames: int, progress: bool = True, **kwargs) -> VideoOutput:
+        request = self.prepare(prompts, num_frames, **kwargs)
+        timings: dict[str, float] = {}
+        out = None
+        for pos, frame in self.run(request, progress, timings):
+            if out is None:
+                out = np.empty((num_frames, *frame.shape), dtype=np.uint8)
+            out[pos] = frame
+        return VideoOutput(out, request.plan, timings)
+
+    def run(self, req: Request, progress: bool = True, timings: dict | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Execute a prepared request, yielding frames in temporal order as they become final."""
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        bank = PromptBank(self.nets, req.per_frame)
+        timings["encode_prompts_s"] = time.perf_counter() - t0
+        scheduler = LevelScheduler(req.plan, req.max_batch)
+        executor = Executor(self.nets, self.schedule, req.options)
+        steps = req.options.num_inference_steps
+        total = sum(math.ceil(len(level) / req.max_batch) for level in req.plan.levels) * steps
+        frames: dict[int, torch.Tensor] = {}  # position -> (3, H, W) pixels, kept while still needed
+        bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress, leave=False)
+        try:
+            while (batch := scheduler.next_batch()) is not None:
+                bar.set_postfix(level=batch.level, calls=len(batch.calls))
+                context = bank.context([call_prompts(c, req.per_frame) for c in batch.calls])
+                pixels = executor.run(batch.calls, context, bank.empty, frames, on_step=lambda i: bar.update())
+                for b, call in enumerate(batch.calls):
+                    for slot in call.gen_slots:
+                        frames[call.positions[slot]] = pixels[b, slot]
+                ready = scheduler.complete(batch)
+                for pos in ready:
+                    yield pos, to_uint8(frames[pos])
+                keep = scheduler.needed_later()
+                for pos in [p for p in frames if p < scheduler.emitted and p not in keep]:
+                    del frames[pos]
+        finally:
+            bar.close()
+            timings["generate_s"] = time.perf_counter() - t0
