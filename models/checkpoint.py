@@ -75,7 +75,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is not a readable safetensors file ({e}); re-download or re-save it") from None
+        raise UserError(f"checkpoint {path} is not a readable safetensors file ({e}); "
+                        "re-download or re-save it") from None
     if meta.get("format") != FORMAT or "config" not in meta:
         raise UserError(f"checkpoint {path} carries no trt-nuwaxl config in its metadata; "
                         "save it with nuwaxl.models.checkpoint.save_checkpoint")
@@ -85,14 +86,22 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> NuwaModels:
-    meta = read_metadata(path)
+def _config(path, meta: dict[str, str]) -> ModelConfig:
     try:
-        config = ModelConfig.from_dict(json.loads(meta["config"]))
+        return ModelConfig.from_dict(json.loads(meta["config"]))
     except (json.JSONDecodeError, TypeError) as e:
         raise UserError(f"checkpoint {path} has a malformed config ({e})") from None
-    with torch.device("meta"):
-        models = NuwaModels(config, meta.get("tokenizer"))
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The checkpoint's config from its header alone: cheap, for validating a request before loading weights."""
+    return _config(path, read_metadata(path))
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> NuwaModels:
+    meta = read_metadata(path)
+    config = _config(path, meta)
+    models = NuwaModels(config, meta.get("tokenizer"))
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -107,5 +116,5 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if bad:
         raise UserError(f"checkpoint {path} has tensors of the wrong shape for its config: {bad[:5]}")
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-    models.load_state_dict(state, assign=True)
+    models.load_state_dict(state)
     return models.to(device=device, dtype=dtype).eval()

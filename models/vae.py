@@ -46,7 +46,8 @@ class AttnBlock(nn.Module):
         out = x.reshape(bl, c, h * w).transpose(1, 2) + self.attn(tokens)
         if self.temporal is not None:
             out = self.temporal(out, num_frames)
-        return out.transpose(1, 2).reshape(bl, c, h, w)
+        # contiguous NCHW either way: the next conv then runs the same kernel with or without temporal layers
+        return out.transpose(1, 2).reshape(bl, c, h, w).contiguous()
 
 
 class MidBlock(nn.Module):

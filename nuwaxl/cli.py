@@ -82,7 +82,10 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> None:
-    from nuwaxl.runtime.pipeline import Pipeline
+    from nuwaxl.config import preset
+    from nuwaxl.engine.torch_eager import resolve_device
+    from nuwaxl.models.checkpoint import read_config
+    from nuwaxl.runtime.pipeline import Pipeline, prepare
     from nuwaxl.runtime.video import check_writable, tree_sheet, write_mp4, write_png
 
     out = check_writable(args.out, ".mp4")
@@ -90,17 +93,21 @@ def cmd_generate(args) -> None:
                                                              ".png")
     prompts = read_story(args.story or bundled_story())
     checkpoint = args.checkpoint or (None if args.preset else bundled_checkpoint())
+    config = read_config(checkpoint) if checkpoint else preset(args.preset or "small")
+    if args.resolution:
+        config = config.with_resolution(args.resolution)
+    # Everything about the request is checked before any weights are built or loaded.
+    request = prepare(config, prompts, args.frames, num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
+                      frames_per_call=args.frames_per_call, depth=args.depth, guidance_scale=args.guidance,
+                      sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch)
+    resolve_device(args.device)
     kw = dict(device=args.device, precision=args.precision, resolution=args.resolution)
     if checkpoint:
         pipe = Pipeline.from_pretrained(checkpoint, **kw)
     else:
-        name = args.preset or "small"
-        print(f"note: random weights of preset '{name}' (no trained weights bundled), so the video is noise-like",
-              file=sys.stderr)
-        pipe = Pipeline.from_preset(name, **kw)
-    request = pipe.prepare(prompts, args.frames, num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
-                           frames_per_call=args.frames_per_call, depth=args.depth, guidance_scale=args.guidance,
-                           sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch)
+        print(f"note: random weights of preset '{config.name}' (no trained weights bundled), so the video is "
+              "noise-like", file=sys.stderr)
+        pipe = Pipeline.from_preset(config.name, **kw)
     plan = request.plan
     print(f"{args.frames} frames, mode {plan.mode}, L={plan.frames_per_call}, depth {plan.depth}, "
           f"calls per level {[len(level) for level in plan.levels]}, {args.steps} {args.sampler} steps, "

@@ -16,6 +16,7 @@ from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan
 from nuwaxl.runtime.scheduler import LevelScheduler
 from tqdm.auto import tqdm
 
+from nuwaxl.config import ModelConfig
 from nuwaxl.diffusion import NoiseSchedule
 from nuwaxl.errors import UserError
 
@@ -40,6 +41,41 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
+def plan(num_frames: int, frames_per_call: int, mode: Mode = "dod", depth: int | None = None, ar_context: int = 1,
+         seed: int = 0) -> Plan:
+    if mode == "dod":
+        return plan_dod(num_frames, frames_per_call, depth, seed)
+    if mode == "ar":
+        return plan_ar(num_frames, frames_per_call, ar_context, seed)
+    raise UserError(f"unknown mode {mode!r}; use 'dod' (diffusion over diffusion) or 'ar' (autoregressive)")
+
+
+def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_inference_steps: int = 25,
+            seed: int = 0, mode: Mode = "dod", frames_per_call: int | None = None, depth: int | None = None,
+            guidance_scale: float = 1.0, sampler: str = "ddim", eta: float = 0.0, ar_context: int = 1,
+            max_batch: int | None = None, vae_batch: int = 4) -> Request:
+    """Validate a request against a model config and plan its calls, before any model work."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise UserError("prompts must be strings")
+    steps_max = config.diffusion.num_train_timesteps
+    if not 1 <= num_inference_steps <= steps_max:
+        raise UserError(f"num_inference_steps={num_inference_steps} must be between 1 and {steps_max}")
+    if sampler not in ("ddim", "ddpm"):
+        raise UserError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'")
+    if guidance_scale < 1.0:
+        raise UserError(f"guidance_scale={guidance_scale} must be >= 1 (1 disables guidance)")
+    if max_batch is not None and max_batch < 1:
+        raise UserError(f"max_batch={max_batch} must be at least 1 (or None for a whole level)")
+    if vae_batch < 1:
+        raise UserError(f"vae_batch={vae_batch} must be at least 1")
+    per_frame = frame_prompts(prompts, num_frames)
+    the_plan = plan(num_frames, frames_per_call or config.frames_per_call, mode, depth, ar_context, seed)
+    cap = max_batch or max(len(level) for level in the_plan.levels)
+    return Request(the_plan, per_frame, SamplingOptions(num_inference_steps, sampler, eta, guidance_scale, vae_batch),
+                   cap)
+
+
 class Pipeline:
     def __init__(self, nets: Networks):
         self.nets = nets
@@ -62,39 +98,8 @@ class Pipeline:
     def config(self):
         return self.nets.spec.config
 
-    def plan(self, num_frames: int, mode: Mode = "dod", frames_per_call: int | None = None,
-             depth: int | None = None, ar_context: int = 1, seed: int = 0) -> Plan:
-        L = frames_per_call or self.config.frames_per_call
-        if mode == "dod":
-            return plan_dod(num_frames, L, depth, seed)
-        if mode == "ar":
-            return plan_ar(num_frames, L, ar_context, seed)
-        raise UserError(f"unknown mode {mode!r}; use 'dod' (diffusion over diffusion) or 'ar' (autoregressive)")
-
-    def prepare(self, prompts: list[str] | str, num_frames: int, num_inference_steps: int = 25, seed: int = 0,
-                mode: Mode = "dod", frames_per_call: int | None = None, depth: int | None = None,
-                guidance_scale: float = 1.0, sampler: str = "ddim", eta: float = 0.0, ar_context: int = 1,
-                max_batch: int | None = None, vae_batch: int = 4) -> Request:
-        """Validate everything at the door, before any model work, and plan the calls."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not all(isinstance(p, str) for p in prompts):
-            raise UserError("prompts must be strings")
-        if not 1 <= num_inference_steps <= self.schedule.num_train_timesteps:
-            raise UserError(f"num_inference_steps={num_inference_steps} must be between 1 and "
-                            f"{self.schedule.num_train_timesteps}")
-        if sampler not in ("ddim", "ddpm"):
-            raise UserError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'")
-        if guidance_scale < 1.0:
-            raise UserError(f"guidance_scale={guidance_scale} must be >= 1 (1 disables guidance)")
-        if max_batch is not None and max_batch < 1:
-            raise UserError(f"max_batch={max_batch} must be at least 1 (or None for a whole level)")
-        if vae_batch < 1:
-            raise UserError(f"vae_batch={vae_batch} must be at least 1")
-        per_frame = frame_prompts(prompts, num_frames)
-        plan = self.plan(num_frames, mode, frames_per_call, depth, ar_context, seed)
-        cap = max_batch or max(len(level) for level in plan.levels)
-        return Request(plan, per_frame, SamplingOptions(num_inference_steps, sampler, eta, guidance_scale, vae_batch),
-                       cap)
+    def prepare(self, prompts: list[str] | str, num_frames: int, **kwargs) -> Request:
+        return prepare(self.config, prompts, num_frames, **kwargs)
 
     def iter_frames(self, prompts: list[str] | str, num_frames: int, progress: bool = True,
                     timings: dict | None = None, **kwargs) -> Iterator[tuple[int, np.ndarray]]:

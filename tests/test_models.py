@@ -1,0 +1,159 @@
+"""Model contracts on the tiny preset: shapes, paper initialisations, switches, checkpoints."""
+
+import dataclasses
+
+import pytest
+import torch
+from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
+from nuwaxl.models.unet import ConditionInjection, MaskUNet3D
+from nuwaxl.models.vae import TKLVAE
+
+from nuwaxl.config import PRESETS, UNetConfig, VAEConfig, preset
+from nuwaxl.errors import UserError
+
+TINY = preset("tiny")
+L, RES, LAT = 6, TINY.resolution, TINY.latent_size
+
+
+def unet_inputs(b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, L, 4, LAT, LAT, generator=g)
+    t = torch.tensor([999, 3][:b])
+    ctx = torch.randn(b, L, 77, TINY.unet.context_dim, generator=g)
+    cond = torch.randn(b, L, 4, LAT, LAT, generator=g)
+    mask = torch.zeros(b, L, 1, LAT, LAT)
+    mask[:, [0, -1]] = 1.0
+    return x, t, ctx, cond, mask
+
+
+def copy_shared(src: torch.nn.Module, dst: torch.nn.Module) -> list[str]:
+    """Load all of src's weights into dst; returns dst's parameters left at their init (the temporal ones)."""
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    assert missing and all(".temporal." in k for k in missing), missing
+    return missing
+
+
+@torch.no_grad()
+def test_shapes():
+    m = NuwaModels.random(TINY)
+    video = torch.rand(2, L, 3, RES, RES) * 2 - 1
+    mean, logvar = m.vae.encode(video)
+    assert mean.shape == logvar.shape == (2, L, TINY.vae.latent_channels, LAT, LAT)
+    assert m.vae.decode(mean).shape == video.shape
+    assert m.unet(*unet_inputs()).shape == (2, L, 4, LAT, LAT)
+    ids = m.tokenizer(["a red caveman", "x " * 200])
+    assert ids.shape == (2, 77) and ids[1, -1] == m.tokenizer.eos
+    assert m.text(ids).shape == (2, 77, TINY.text.hidden_size)
+
+
+@torch.no_grad()
+def test_tklvae_at_init_equals_image_klvae_exactly():
+    """Eq. 1-2: identity temporal convs and zero-initialised temporal attention make T-KLVAE == KLVAE at init."""
+    torch.manual_seed(0)
+    video_vae = TKLVAE(TINY.vae)
+    image_vae = TKLVAE(dataclasses.replace(TINY.vae, temporal=False))
+    copy_shared(image_vae, video_vae)  # spatial weights shared, temporal ones left at their init
+    video = torch.rand(2, L, 3, RES, RES) * 2 - 1
+    m1, _ = video_vae.encode(video)
+    m0, _ = image_vae.encode(video)
+    assert torch.equal(m1, m0)
+    assert torch.equal(video_vae.decode(m1), image_vae.decode(m0))
+    # The check has teeth: a perturbed temporal conv changes the output.
+    video_vae.encoder.conv_in.temporal.conv.weight.add_(0.1)
+    assert not torch.equal(video_vae.encode(video)[0], m0)
+
+
+@torch.no_grad()
+def test_unet_temporal_layers_are_identity_at_init():
+    torch.manual_seed(0)
+    spatial = MaskUNet3D(dataclasses.replace(TINY.unet, temporal=False))
+    full = MaskUNet3D(TINY.unet)
+    copy_shared(spatial, full)
+    inputs = unet_inputs()
+    assert torch.equal(full(*inputs), spatial(*inputs))
+
+
+@torch.no_grad()
+def test_condition_injection_is_noop_at_init():
+    torch.manual_seed(0)
+    unet = MaskUNet3D(TINY.unet)
+    x, t, ctx, cond, mask = unet_inputs()
+    reference = unet(x, t, ctx, torch.zeros_like(cond), torch.zeros_like(mask))
+    assert torch.equal(unet(x, t, ctx, cond, mask), reference)
+    for module in unet.modules():  # once trained (non-zero), the condition matters
+        if isinstance(module, ConditionInjection):
+            torch.nn.init.normal_(module.cond.weight, std=0.1)
+    assert not torch.allclose(unet(x, t, ctx, cond, mask), reference)
+
+
+def injection_sites(cfg: UNetConfig) -> dict[str, set[int]]:
+    unet = MaskUNet3D(cfg)
+    sites = {"down": set(), "up": set(), "mid": set()}
+    for i, layers in enumerate(unet.down):
+        sites["down"] |= {i for layer in layers if layer.inject is not None}
+    for k, layers in enumerate(unet.up):
+        sites["up"] |= {len(unet.up) - 1 - k for layer in layers if layer.inject is not None}
+    sites["mid"] = {0 for layer in unet.mid if layer.inject is not None}
+    return sites
+
+
+def test_multiscale_and_symmetric_injection_switches():
+    cfg = TINY.unet
+    assert injection_sites(cfg) == {"down": {0, 1}, "up": {0, 1}, "mid": {0}}
+    no_mi = injection_sites(dataclasses.replace(cfg, inject_multiscale=False))
+    assert no_mi == {"down": {0}, "up": {0}, "mid": set()}
+    no_si = injection_sites(dataclasses.replace(cfg, inject_symmetric=False))
+    assert no_si == {"down": set(), "up": {0, 1}, "mid": set()}
+
+
+def test_paper_preset_on_meta_device_is_about_one_billion():
+    with torch.device("meta"):
+        m = NuwaModels(PRESETS["paper"])
+    counts = m.num_parameters()
+    assert 0.95e9 < counts["unet"] < 1.2e9, counts
+    assert next(m.unet.parameters()).device.type == "meta"
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = NuwaModels.random(TINY, seed=3)
+    path = save_checkpoint(m, tmp_path / "tiny.safetensors")
+    loaded = load_checkpoint(path)
+    assert loaded.config == m.config and loaded.tokenizer.json == m.tokenizer.json
+    for (k, a), (_, b) in zip(m.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    half = load_checkpoint(save_checkpoint(m, tmp_path / "half.safetensors", dtype=torch.float16))
+    assert next(half.unet.parameters()).dtype == torch.float16
+
+
+def test_random_weights_are_deterministic():
+    a, b = NuwaModels.random(TINY, seed=1), NuwaModels.random(TINY, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_checkpoint(corrupt)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(UserError, match="no trt-nuwaxl config"):
+        load_checkpoint(foreign)
+    good = save_checkpoint(NuwaModels.random(TINY), tmp_path / "good.safetensors")
+    data = bytearray(good.read_bytes())
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(UserError, match="tiny|corrupt|readable"):
+        load_checkpoint(truncated)
+
+
+def test_config_errors_name_value_and_fix():
+    with pytest.raises(UserError, match="36 px is not divisible by the VAE factor 8; use a multiple of 8"):
+        TINY.with_resolution(36)
+    with pytest.raises(UserError, match="norm_groups"):
+        dataclasses.replace(TINY, vae=VAEConfig(channels=(8, 12), norm_groups=8))
