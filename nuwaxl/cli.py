@@ -135,10 +135,38 @@ def cmd_generate(args) -> None:
           + (f", keyframe tree {sheet}" if sheet is not None and plan.mode == "dod" else ""), file=sys.stderr)
 
 
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="show a preset's or checkpoint's config and parameter counts")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", default=None)
+    src.add_argument("--preset", choices=PRESET_NAMES, default=None)
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> None:
+    import json
+
+    import torch
+
+    from nuwaxl.config import preset
+    from nuwaxl.models.checkpoint import NuwaModels, read_config
+
+    config = read_config(args.checkpoint) if args.checkpoint else preset(args.preset)
+    with torch.device("meta"):  # shapes only: no memory, no init time, even for the 1 B-parameter preset
+        counts = NuwaModels(config).num_parameters()
+    counts["total"] = sum(counts.values())
+    print(json.dumps({"name": config.name, "resolution": config.resolution, "frames_per_call": config.frames_per_call,
+                      "latent_shape": [config.vae.latent_channels, config.latent_size, config.latent_size],
+                      "parameters": counts}, indent=2))
+    print(f"{config.name}: " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in counts.items()) + " parameters",
+          file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trt-nuwaxl", description="NUWA-XL long video generation")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate(sub)
+    add_info(sub)
     return parser
 
 

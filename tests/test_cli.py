@@ -113,3 +113,13 @@ def test_failed_run_leaves_nothing_half_written(tmp_path, monkeypatch):
         main(["generate", *FAST, "--frames", "40", "--max-batch", "1", "--out", str(out)])
     assert out.read_bytes() == b"previous result"  # the old file is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]  # no partial files left behind
+
+
+def test_info_reports_paper_preset_parameter_count(capsys):
+    import json
+
+    assert main(["info", "--preset", "paper"]) == 0
+    captured = capsys.readouterr()
+    info = json.loads(captured.out)
+    assert 0.95e9 < info["parameters"]["unet"] < 1.2e9 and info["latent_shape"] == [4, 16, 16]
+    assert "unet 1076.0 M" in captured.err
