@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from nuwaxl.engine.base import NetworkSpec
-from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint
 
 from nuwaxl.config import ModelConfig, preset
+from nuwaxl.engine.base import NetworkSpec
 from nuwaxl.errors import UserError
+from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -8,15 +8,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from nuwaxl.models.text import PromptEncoder, PromptTokenizer, default_tokenizer_json
-from nuwaxl.models.unet import MaskUNet3D
-from nuwaxl.models.vae import TKLVAE
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from nuwaxl.config import ModelConfig
 from nuwaxl.errors import UserError
+from nuwaxl.models.text import PromptEncoder, PromptTokenizer, default_tokenizer_json
+from nuwaxl.models.unet import MaskUNet3D
+from nuwaxl.models.vae import TKLVAE
 
 FORMAT = "nuwaxl-checkpoint"
 FORMAT_VERSION = "1"

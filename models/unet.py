@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from nuwaxl.models.layers import Attention, STConv, TemporalAttention, timestep_embedding
 from torch import nn
 
 from nuwaxl.config import UNetConfig
+from nuwaxl.models.layers import Attention, STConv, TemporalAttention, timestep_embedding
 
 
 class ResBlock(nn.Module):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from nuwaxl.models.layers import Attention, STConv, TemporalAttention
 from torch import nn
 
 from nuwaxl.config import VAEConfig
+from nuwaxl.models.layers import Attention, STConv, TemporalAttention
 
 
 class ResnetBlock(nn.Module):

@@ -2,7 +2,7 @@
 
 All calls of a batch share the timestep sequence, so each denoising step is one batched model call
 (doubled along batch for classifier-free guidance). Each call draws its noise from its own generator seeded by
-`Call.seed`, which makes the video independent of batch composition.
+`Call.seed`, which makes the video independent of batch composition and of the device.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from nuwaxl.engine.base import Networks
-from nuwaxl.runtime.planner import Call
 
 from nuwaxl.diffusion import NoiseSchedule, SamplerName, needs_noise, sample
+from nuwaxl.engine.base import Networks
+from nuwaxl.runtime.planner import Call
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,12 @@ class Executor:
         spec, opt = self.nets.spec, self.options
         B, L = len(calls), len(calls[0].positions)
         cond, mask = self.conditions(calls, frames)
-        gens = [torch.Generator(spec.device).manual_seed(c.seed) for c in calls]
+        # CPU generators: the same seed gives the same noise on every device (as diffusers does).
+        gens = [torch.Generator().manual_seed(c.seed) for c in calls]
 
         def draw() -> torch.Tensor:  # fp32 noise, the same numbers whatever the model dtype
-            return torch.stack([torch.randn((L, *spec.latent_shape), generator=g, device=spec.device,
-                                            dtype=torch.float32) for g in gens])
+            noise = torch.stack([torch.randn((L, *spec.latent_shape), generator=g) for g in gens])
+            return noise.to(spec.device, non_blocking=True)
 
         guided = opt.guidance_scale != 1.0
         if guided:  # one batched call for the unconditional and conditional branches
@@ -92,4 +93,8 @@ class Executor:
         x_T = draw()
         noise = (lambda i: draw()) if needs_noise(opt.sampler, opt.eta) else None
         x0 = sample(denoise, x_T, self.schedule, opt.num_inference_steps, opt.sampler, noise, opt.eta, on_step)
+        if not torch.isfinite(x0).all():  # one sync per batch; fp16 overflow shows up as NaN -> black frames
+            raise FloatingPointError(
+                f"non-finite latents in level {calls[0].level} (calls {[c.index for c in calls][:8]}) at "
+                f"{str(spec.dtype).removeprefix('torch.')}; rerun with --precision fp32 (or bf16) to avoid overflow")
         return self._chunked(self.nets.decode_latents, x0.to(spec.dtype)).float().clamp(-1.0, 1.0)

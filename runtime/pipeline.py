@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from nuwaxl.engine.base import Networks
-from nuwaxl.engine.torch_eager import TorchNetworks
-from nuwaxl.runtime.executor import Executor, PromptBank, SamplingOptions
-from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
-from nuwaxl.runtime.scheduler import LevelScheduler
 from tqdm.auto import tqdm
 
 from nuwaxl.config import ModelConfig
 from nuwaxl.diffusion import NoiseSchedule
+from nuwaxl.engine.base import Networks
+from nuwaxl.engine.torch_eager import TorchNetworks
 from nuwaxl.errors import UserError
+from nuwaxl.runtime.executor import Executor, PromptBank, SamplingOptions
+from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
+from nuwaxl.runtime.scheduler import LevelScheduler
 
 
 @dataclass(frozen=True)

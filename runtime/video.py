@@ -15,10 +15,10 @@ from pathlib import Path
 
 import av
 import numpy as np
-from nuwaxl.runtime.planner import Plan
 from PIL import Image, ImageDraw
 
 from nuwaxl.errors import UserError
+from nuwaxl.runtime.planner import Plan
 
 
 def check_writable(path: str | os.PathLike, suffix: str) -> Path:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from nuwaxl.runtime.pipeline import Pipeline
 
 

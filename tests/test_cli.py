@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from nuwaxl.models.checkpoint import NuwaModels, save_checkpoint
-from nuwaxl.runtime.executor import Executor
-from nuwaxl.runtime.video import read_mp4
 
 from nuwaxl.cli import main
 from nuwaxl.config import preset
+from nuwaxl.models.checkpoint import NuwaModels, save_checkpoint
+from nuwaxl.runtime.executor import Executor
+from nuwaxl.runtime.video import read_mp4
 
 FAST = ["--preset", "tiny", "-L", "8", "--steps", "2", "--quiet"]
 

@@ -4,12 +4,12 @@ import dataclasses
 
 import pytest
 import torch
-from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
-from nuwaxl.models.unet import ConditionInjection, MaskUNet3D
-from nuwaxl.models.vae import TKLVAE
 
 from nuwaxl.config import PRESETS, UNetConfig, VAEConfig, preset
 from nuwaxl.errors import UserError
+from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
+from nuwaxl.models.unet import ConditionInjection, MaskUNet3D
+from nuwaxl.models.vae import TKLVAE
 
 TINY = preset("tiny")
 L, RES, LAT = 6, TINY.resolution, TINY.latent_size

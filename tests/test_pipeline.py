@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+
+from nuwaxl.errors import UserError
 from nuwaxl.runtime.executor import Executor, PromptBank, SamplingOptions
 from nuwaxl.runtime.pipeline import to_uint8
 from nuwaxl.runtime.planner import call_prompts, frame_prompts, plan_dod
-
-from nuwaxl.errors import UserError
 
 STORY = ["a red caveman walks", "a blue dinosaur jumps", "the sun sets"]
 KW = dict(num_frames=40, frames_per_call=8, num_inference_steps=4, seed=3, progress=False)
@@ -106,3 +106,9 @@ def test_guidance_runs_as_one_batched_call(tiny_pipe):
 def test_bad_arguments_fail_before_any_work(tiny_pipe, kwargs, message):
     with pytest.raises(UserError, match=message):
         tiny_pipe.iter_frames(STORY, **{**KW, **kwargs, "depth": 2})
+
+
+def test_non_finite_output_is_reported_with_a_fix(tiny_pipe, monkeypatch):
+    monkeypatch.setattr(tiny_pipe.nets, "denoise", lambda x, *a: torch.full_like(x, float("nan")))
+    with pytest.raises(FloatingPointError, match="non-finite latents in level 1 .* --precision fp32"):
+        tiny_pipe(STORY, **KW)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import pytest
+
+from nuwaxl.errors import UserError
 from nuwaxl.runtime.planner import (
     call_prompts,
     call_seed,
@@ -14,8 +16,6 @@ from nuwaxl.runtime.planner import (
     plan_dod,
 )
 from nuwaxl.runtime.scheduler import LevelScheduler
-
-from nuwaxl.errors import UserError
 
 
 def check_plan(plan):
