@@ -86,7 +86,7 @@ def cmd_generate(args) -> None:
     from nuwaxl.engine.torch_eager import resolve_device
     from nuwaxl.models.checkpoint import read_config
     from nuwaxl.runtime.pipeline import Pipeline, prepare
-    from nuwaxl.runtime.video import check_writable, tree_sheet, write_mp4, write_png
+    from nuwaxl.runtime.video import check_writable, sheet_rows, tree_sheet, write_mp4, write_png
 
     out = check_writable(args.out, ".mp4")
     sheet = None if args.sheet == "none" else check_writable(args.sheet or out.with_name(out.stem + "_tree.png"),
@@ -112,7 +112,8 @@ def cmd_generate(args) -> None:
     print(f"{args.frames} frames, mode {plan.mode}, L={plan.frames_per_call}, depth {plan.depth}, "
           f"calls per level {[len(level) for level in plan.levels]}, {args.steps} {args.sampler} steps, "
           f"{pipe.nets.spec.device} {str(pipe.nets.spec.dtype).removeprefix('torch.')}", file=sys.stderr)
-    keep = set(plan.producer()) if sheet is not None else set()
+    draw_sheet = sheet is not None and plan.mode == "dod"  # an AR "tree" is just a chain of windows
+    keep = {p for _, row in sheet_rows(plan) for p in row} if draw_sheet else set()
     kept = {}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -124,15 +125,10 @@ def cmd_generate(args) -> None:
             yield frame
 
     count = write_mp4(stream(), out, fps=args.fps)
-    if sheet is not None and plan.mode == "dod":
-        import numpy as np
-
-        frames = np.zeros((plan.num_frames, *next(iter(kept.values())).shape), dtype=np.uint8)
-        for pos, frame in kept.items():
-            frames[pos] = frame
-        write_png(tree_sheet(frames, plan), sheet)
+    if draw_sheet:
+        write_png(tree_sheet(kept, plan), sheet)
     print(f"wrote {out} ({count} frames) in {time.perf_counter() - t0:.1f} s"
-          + (f", keyframe tree {sheet}" if sheet is not None and plan.mode == "dod" else ""), file=sys.stderr)
+          + (f", keyframe tree {sheet}" if draw_sheet else ""), file=sys.stderr)
 
 
 def add_info(sub) -> None:

@@ -87,15 +87,21 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def tree_sheet(frames: np.ndarray, plan: Plan, max_per_row: int = 16, thumb: int = 64) -> Image.Image:
-    """One row per level of the plan: the frames that level generated, labelled with their index."""
+def sheet_rows(plan: Plan, max_per_row: int = 16) -> list[tuple[int, list[int]]]:
+    """(level, frame indices shown) per level: the frames that level generated, evenly sampled if many."""
     producer = plan.producer()
     rows = []
-    for level in range(1, plan.depth + 1):
+    for level in range(1, len(plan.levels) + 1):
         idx = sorted(p for p, c in producer.items() if c.level == level and p < plan.num_frames)
-        if len(idx) > max_per_row:  # show an even sample of a large level
+        if len(idx) > max_per_row:
             idx = [idx[round(i * (len(idx) - 1) / (max_per_row - 1))] for i in range(max_per_row)]
         rows.append((level, idx))
+    return rows
+
+
+def tree_sheet(frames: dict[int, np.ndarray], plan: Plan, max_per_row: int = 16, thumb: int = 64) -> Image.Image:
+    """One row per level of the plan, each frame labelled with its index; `frames` needs only those shown."""
+    rows = sheet_rows(plan, max_per_row)
     label_w, label_h = 56, 12
     sheet = Image.new("RGB", (label_w + max_per_row * thumb, len(rows) * (thumb + label_h)), "white")
     draw = ImageDraw.Draw(sheet)

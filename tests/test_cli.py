@@ -123,3 +123,13 @@ def test_info_reports_paper_preset_parameter_count(capsys):
     info = json.loads(captured.out)
     assert 0.95e9 < info["parameters"]["unet"] < 1.2e9 and info["latent_shape"] == [4, 16, 16]
     assert "unet 1076.0 M" in captured.err
+
+
+def test_tree_sheet_shows_each_level(tmp_path):
+    from nuwaxl.runtime.planner import plan_dod
+    from nuwaxl.runtime.video import sheet_rows
+
+    rows = sheet_rows(plan_dod(1024, 16, 3), max_per_row=16)
+    assert [level for level, _ in rows] == [1, 2, 3]
+    assert rows[0][1] == [0, 225, 450, 675, 900]  # keyframes inside the video
+    assert len(rows[2][1]) == 16 and rows[2][1][0] == 1 and rows[2][1][-1] == 1023
