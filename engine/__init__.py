@@ -1,5 +1,5 @@
-"""Engines: the networks generation needs, behind one small interface (`engine.base.Networks`).
+"""Engines: the networks generation needs, behind one interface (`engine.base.Engine`, see `EngineNetworks`).
 
-Backends: `torch_eager` (PyTorch modules from a checkpoint). ONNX Runtime, TensorRT and compiled torch engines
-built from exported ONNX are the engines issue's work.
+Backends: torch (eager, torch.compile, CUDA graphs, AOTInductor packages), ONNX Runtime and TensorRT; each
+foreign library is imported by exactly one module.
 """

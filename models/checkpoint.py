@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,9 +13,11 @@ from torch import nn
 
 from nuwaxl.config import ModelConfig
 from nuwaxl.errors import UserError
-from nuwaxl.models.text import PromptEncoder, PromptTokenizer, default_tokenizer_json
+from nuwaxl.files import atomic_output
+from nuwaxl.models.text import PromptEncoder
 from nuwaxl.models.unet import MaskUNet3D
 from nuwaxl.models.vae import TKLVAE
+from nuwaxl.tokenizer import PromptTokenizer, default_tokenizer_json
 
 FORMAT = "nuwaxl-checkpoint"
 FORMAT_VERSION = "1"
@@ -55,14 +56,8 @@ def save_checkpoint(models: NuwaModels, path: str | os.PathLike, dtype: torch.dt
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": models.config.to_json(),
                 "tokenizer": models.tokenizer.json}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

@@ -60,6 +60,10 @@ def add_generate(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint")
     src.add_argument("--preset", choices=PRESET_NAMES, default=None, help="random weights of a preset")
+    src.add_argument("--engines", default=None, help="engine directory from trt-nuwaxl build")
+    p.add_argument("--torch-mode", choices=("aoti", "eager", "compile", "cudagraph"), default=None,
+                   help="with --engines of the torch backend: the AOTInductor packages (default) or live modules; "
+                        "without --engines: eager (default), compile or cudagraph")
     p.add_argument("--frames-per-call", "-L", type=positive_int, default=None, help="L (default: the model's)")
     p.add_argument("--depth", type=positive_int, default=None, help="m (default: the least that reaches N)")
     p.add_argument("--mode", choices=("dod", "ar"), default="dod",
@@ -82,8 +86,9 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> None:
-    from nuwaxl.config import preset
-    from nuwaxl.engine.torch_eager import resolve_device
+    from nuwaxl.config import ModelConfig, preset
+    from nuwaxl.engine.directory import read_manifest
+    from nuwaxl.engine.torch_backend import resolve_device
     from nuwaxl.models.checkpoint import read_config
     from nuwaxl.runtime.pipeline import Pipeline, prepare
     from nuwaxl.runtime.video import check_writable, sheet_rows, tree_sheet, write_mp4, write_png
@@ -92,17 +97,37 @@ def cmd_generate(args) -> None:
     sheet = None if args.sheet == "none" else check_writable(args.sheet or out.with_name(out.stem + "_tree.png"),
                                                              ".png")
     prompts = read_story(args.story or bundled_story())
-    checkpoint = args.checkpoint or (None if args.preset else bundled_checkpoint())
-    config = read_config(checkpoint) if checkpoint else preset(args.preset or "small")
-    if args.resolution:
-        config = config.with_resolution(args.resolution)
+    frames_per_call = args.frames_per_call
+    if args.engines:  # built engines fix L, resolution and precision: check the request against them first
+        manifest = read_manifest(args.engines)
+        config = ModelConfig.from_dict(manifest["model_config"])
+        for flag, asked, built in (("--frames-per-call", args.frames_per_call, manifest["frames_per_call"]),
+                                   ("--resolution", args.resolution, manifest["resolution"]),
+                                   ("--precision", None if args.precision == "auto" else args.precision,
+                                    manifest["precision"])):
+            if asked is not None and asked != built:
+                raise UserError(f"the engines in {args.engines} were built for {flag} {built}, not {asked}; "
+                                f"drop {flag} or rebuild with trt-nuwaxl build {flag} {asked}")
+        frames_per_call = manifest["frames_per_call"]
+        checkpoint = None
+    else:
+        if args.torch_mode == "aoti":
+            raise UserError("--torch-mode aoti needs --engines DIR built with --backend torch")
+        checkpoint = args.checkpoint or (None if args.preset else bundled_checkpoint())
+        config = read_config(checkpoint) if checkpoint else preset(args.preset or "small")
+        if args.resolution:
+            config = config.with_resolution(args.resolution)
     # Everything about the request is checked before any weights are built or loaded.
     request = prepare(config, prompts, args.frames, num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
-                      frames_per_call=args.frames_per_call, depth=args.depth, guidance_scale=args.guidance,
+                      frames_per_call=frames_per_call, depth=args.depth, guidance_scale=args.guidance,
                       sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch)
     resolve_device(args.device)
-    kw = dict(device=args.device, precision=args.precision, resolution=args.resolution)
-    if checkpoint:
+    kw = dict(device=args.device, precision=args.precision, resolution=args.resolution,
+              mode=args.torch_mode or "eager")
+    if args.engines:
+        pipe = Pipeline.from_engines(args.engines, device=None if args.device == "auto" else args.device,
+                                     torch_mode=args.torch_mode or "aoti")
+    elif checkpoint:
         pipe = Pipeline.from_pretrained(checkpoint, **kw)
     else:
         print(f"note: random weights of preset '{config.name}' (no trained weights bundled), so the video is "
@@ -111,7 +136,8 @@ def cmd_generate(args) -> None:
     plan = request.plan
     print(f"{args.frames} frames, mode {plan.mode}, L={plan.frames_per_call}, depth {plan.depth}, "
           f"calls per level {[len(level) for level in plan.levels]}, {args.steps} {args.sampler} steps, "
-          f"{pipe.nets.spec.device} {str(pipe.nets.spec.dtype).removeprefix('torch.')}", file=sys.stderr)
+          f"{pipe.nets.spec.backend} on {pipe.nets.spec.device} {str(pipe.nets.spec.dtype).removeprefix('torch.')}",
+          file=sys.stderr)
     draw_sheet = sheet is not None and plan.mode == "dod"  # an AR "tree" is just a chain of windows
     keep = {p for _, row in sheet_rows(plan) for p in row} if draw_sheet else set()
     kept = {}
@@ -129,6 +155,62 @@ def cmd_generate(args) -> None:
         write_png(tree_sheet(kept, plan), sheet)
     print(f"wrote {out} ({count} frames) in {time.perf_counter() - t0:.1f} s"
           + (f", keyframe tree {sheet}" if draw_sheet else ""), file=sys.stderr)
+
+
+def add_build(sub) -> None:
+    p = sub.add_parser("build", help="export ONNX and build engines into a directory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint")
+    src.add_argument("--preset", choices=PRESET_NAMES, default=None, help="random weights of a preset")
+    p.add_argument("--backend", choices=("tensorrt", "onnxruntime", "torch"), required=True,
+                   help="tensorrt: plans via tensorrt or tensorrt_rtx; onnxruntime: ONNX for the CUDA/CPU provider; "
+                        "torch: AOTInductor packages")
+    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    p.add_argument("--max-batch", type=positive_int, default=16,
+                   help="largest batch (calls x 2 with guidance) the engines accept; larger batches are split")
+    p.add_argument("--out", required=True, help="engine directory")
+    p.add_argument("--resolution", type=positive_int, default=None)
+    p.add_argument("--frames-per-call", "-L", type=positive_int, default=None)
+    p.add_argument("--device", default="auto", help="device for export, parity and AOTInductor")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(6), help="TensorRT builder optimization level")
+    p.add_argument("--compute-capability", action="append", default=None,
+                   help="TensorRT-RTX target GPU, e.g. sm89 (repeatable; default: this GPU, or sm89)")
+    p.add_argument("--parity", default="min,opt,max", help="batch sizes for the parity check, or 'none'")
+    p.add_argument("--force", action="store_true", help="rebuild every stage even if its cache key matches")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+
+def cmd_build(args) -> None:
+    from nuwaxl.build import build
+
+    t0 = time.perf_counter()
+    manifest = build(args.out, args.backend, args.precision, args.max_batch, checkpoint=args.checkpoint,
+                     preset_name=args.preset, resolution=args.resolution, frames_per_call=args.frames_per_call,
+                     device=args.device, opt_level=args.opt_level, targets=args.compute_capability,
+                     parity=args.parity, force=args.force, progress=not args.quiet,
+                     log=lambda msg: print(msg, file=sys.stderr))
+    stages = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in manifest["timings_s"].items())
+    print(f"wrote {args.out} ({args.backend}, {args.precision}, batch 1..{args.max_batch}) in "
+          f"{time.perf_counter() - t0:.1f} s: {stages}", file=sys.stderr)
+
+
+def add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="which backends, GPUs and versions are usable here, and why not")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args) -> None:
+    import json
+
+    from nuwaxl.doctor import report
+
+    r = report()
+    print(json.dumps(r, indent=2))
+    for name, item in r["backends"].items():
+        verdict = "usable" if item["usable"] else f"not usable: {item['why']}"
+        print(f"{name:22s} {verdict}", file=sys.stderr)
 
 
 def add_info(sub) -> None:
@@ -162,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trt-nuwaxl", description="NUWA-XL long video generation")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate(sub)
+    add_build(sub)
+    add_doctor(sub)
     add_info(sub)
     return parser
 

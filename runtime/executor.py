@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from nuwaxl.diffusion import NoiseSchedule, SamplerName, needs_noise, sample
-from nuwaxl.engine.base import Networks
+from nuwaxl.engine.base import EngineNetworks
 from nuwaxl.runtime.planner import Call
 
 
@@ -29,7 +29,7 @@ class SamplingOptions:
 class PromptBank:
     """Encodes each distinct prompt once; gathers (B, L, l_p, d_p) contexts for batches of calls."""
 
-    def __init__(self, nets: Networks, prompts: list[str]):
+    def __init__(self, nets: EngineNetworks, prompts: list[str]):
         self.index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         self.embeddings = nets.encode_prompts(list(self.index))  # (P, l_p, d_p)
         self.empty = nets.encode_prompts([""])  # unconditional context for guidance
@@ -41,7 +41,7 @@ class PromptBank:
 
 
 class Executor:
-    def __init__(self, nets: Networks, schedule: NoiseSchedule, options: SamplingOptions):
+    def __init__(self, nets: EngineNetworks, schedule: NoiseSchedule, options: SamplingOptions):
         self.nets = nets
         self.schedule = schedule
         self.options = options

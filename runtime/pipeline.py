@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 
 from nuwaxl.config import ModelConfig
 from nuwaxl.diffusion import NoiseSchedule
-from nuwaxl.engine.base import Networks
-from nuwaxl.engine.torch_eager import TorchNetworks
+from nuwaxl.engine import torch_backend
+from nuwaxl.engine.base import EngineNetworks
+from nuwaxl.engine.directory import load_engines
 from nuwaxl.errors import UserError
 from nuwaxl.runtime.executor import Executor, PromptBank, SamplingOptions
 from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
@@ -77,28 +78,41 @@ def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_
 
 
 class Pipeline:
-    def __init__(self, nets: Networks):
+    def __init__(self, nets: EngineNetworks):
         self.nets = nets
         self.schedule = NoiseSchedule.from_config(nets.spec.config.diffusion)
 
     @classmethod
     def from_pretrained(cls, path, device: str | None = None, precision: str | None = None,
-                        resolution: int | None = None) -> Pipeline:
-        """Load a trt-nuwaxl .safetensors checkpoint (config and tokenizer are inside it)."""
-        return cls(TorchNetworks.from_checkpoint(path, device=device, precision=precision, resolution=resolution))
+                        resolution: int | None = None, mode: str = "eager") -> Pipeline:
+        """Load a trt-nuwaxl .safetensors checkpoint (config and tokenizer are inside it) as live PyTorch modules;
+        mode: eager, compile (torch.compile) or cudagraph (CUDA graphs per batch size)."""
+        return cls(torch_backend.from_checkpoint(path, device=device, precision=precision, resolution=resolution,
+                                                 mode=mode))
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: str | None = None, precision: str | None = None,
-                    resolution: int | None = None) -> Pipeline:
+                    resolution: int | None = None, mode: str = "eager") -> Pipeline:
         """Random weights of a named preset (tiny, small, paper): for tests and speed measurements."""
-        return cls(TorchNetworks.from_preset(name, seed=seed, device=device, precision=precision,
-                                             resolution=resolution))
+        return cls(torch_backend.from_preset(name, seed=seed, device=device, precision=precision,
+                                             resolution=resolution, mode=mode))
+
+    @classmethod
+    def from_engines(cls, directory, device: str | None = None, torch_mode: str = "aoti") -> Pipeline:
+        """Engines built by `trt-nuwaxl build` (TensorRT, ONNX Runtime or AOTInductor)."""
+        return cls(load_engines(directory, device=device, torch_mode=torch_mode))
 
     @property
     def config(self):
         return self.nets.spec.config
 
     def prepare(self, prompts: list[str] | str, num_frames: int, **kwargs) -> Request:
+        fixed, asked = self.nets.spec.frames_per_call, kwargs.get("frames_per_call")
+        if fixed is not None:  # built engines have L baked into their shapes
+            if asked not in (None, fixed):
+                raise UserError(f"these engines were built for L={fixed} frames per call, not {asked}; "
+                                f"omit frames_per_call or rebuild with -L {asked}")
+            kwargs["frames_per_call"] = fixed
         return prepare(self.config, prompts, num_frames, **kwargs)
 
     def iter_frames(self, prompts: list[str] | str, num_frames: int, progress: bool = True,

@@ -1,15 +1,13 @@
 """Video and picture outputs: mp4 through PyAV (FFmpeg), a PNG sheet of the keyframe tree through Pillow.
 
-Every writer goes through `atomic_output`: it writes a hidden temporary file beside the target and renames it
-into place only on success, so a failed run never leaves a half-written file under the final name.
+Every writer goes through `nuwaxl.files.atomic_output`, so a failed run never leaves a half-written file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nuwaxl.errors import UserError
+from nuwaxl.files import atomic_output
 from nuwaxl.runtime.planner import Plan
 
 
@@ -37,23 +36,6 @@ def check_writable(path: str | os.PathLike, suffix: str) -> Path:
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable --out") from None
     return path
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
-                               suffix=f".partial{path.suffix}")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; finished outputs get the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: int = 8, crf: int = 18) -> int:

@@ -1,0 +1,215 @@
+"""TensorRT engines through `tensorrt` (10 or later) or `tensorrt_rtx`, whichever is installed.
+The only module that imports either.
+
+Builds are strongly typed: FP16 engines come from FP16 ONNX (TensorRT 11 and TensorRT-RTX have no FP16 builder
+flag). A cache key hashes everything that changes the plan (ONNX, profile, precision, library and version, target
+GPU, optimization level); a plan whose key differs is rebuilt, never silently reused, and a plan loaded under
+another library version or GPU fails with a message that says to rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from nuwaxl.engine.base import TORCH_DTYPES
+from nuwaxl.errors import UserError
+from nuwaxl.files import write_bytes, write_text
+from nuwaxl.iospec import IOSpec
+
+
+def _import():
+    for name in ("tensorrt", "tensorrt_rtx"):
+        try:
+            return importlib.import_module(name), name
+        except ImportError:
+            continue
+    return None, None
+
+
+trt, LIB = _import()
+# Compute capabilities TensorRT-RTX builds for (its ComputeCapability enum); Hopper (9.0) is not among them.
+RTX_TARGETS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm120": (12, 0), "sm121": (12, 1)}
+DEFAULT_RTX_TARGET = "sm89"
+TRT_DTYPES = {"float16": "HALF", "float32": "FLOAT", "int64": "INT64"}
+
+
+def library() -> tuple[str | None, str | None]:
+    return LIB, (trt.__version__ if trt is not None else None)
+
+
+def _gpu() -> tuple[str, tuple[int, int]] | None:
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+
+
+def status() -> dict:
+    """Can this machine build TensorRT plans, and run them? With the reason when not."""
+    if trt is None:
+        why = "neither tensorrt nor tensorrt_rtx is installed (pip install tensorrt-rtx)"
+        return {"library": None, "can_build": False, "can_run": False, "why_not_build": why, "why_not_run": why}
+    name, version = LIB, trt.__version__
+    gpu = _gpu()
+    out = {"library": name, "version": version, "can_build": True, "why_not_build": None}
+    if name == "tensorrt" and gpu is None:
+        out.update(can_build=False, why_not_build=f"{name} {version} needs a CUDA GPU to build engines")
+    if gpu is None:
+        out.update(can_run=False, why_not_run=f"no CUDA GPU is visible; {name} {version} needs one to run engines")
+    elif name == "tensorrt_rtx" and gpu[1] not in RTX_TARGETS.values():
+        supported = ", ".join(f"{a}.{b}" for a, b in RTX_TARGETS.values())
+        out.update(can_run=False, why_not_run=f"TensorRT-RTX {version} does not support compute capability "
+                                              f"{gpu[1][0]}.{gpu[1][1]} ({gpu[0]}); it runs on {supported}")
+    else:
+        out.update(can_run=True, why_not_run=None)
+    return out
+
+
+def build_targets(requested: list[str] | None) -> list[str]:
+    """GPU architectures the plan is for: the local GPU for tensorrt; requested or local/default for RTX."""
+    gpu = _gpu()
+    if LIB == "tensorrt":
+        if gpu is None:
+            raise UserError(f"tensorrt {trt.__version__} needs a CUDA GPU to build; install tensorrt-rtx to build "
+                            "plans on a machine without one")
+        return [f"sm{gpu[1][0]}{gpu[1][1]}"]
+    if requested:
+        bad = [t for t in requested if t not in RTX_TARGETS]
+        if bad:
+            raise UserError(f"unknown compute capability {bad}; TensorRT-RTX builds for {', '.join(RTX_TARGETS)}")
+        return list(requested)
+    if gpu is not None and gpu[1] in RTX_TARGETS.values():
+        return [f"sm{gpu[1][0]}{gpu[1][1]}"]
+    return [DEFAULT_RTX_TARGET]
+
+
+def cache_key(onnx_sha256: str, spec: IOSpec, precision: str, targets: list[str], opt_level: int) -> str:
+    blob = json.dumps({"onnx": onnx_sha256, "profile": spec.profile(), "precision": precision, "library": LIB,
+                       "version": trt.__version__, "targets": targets, "opt_level": opt_level}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _Logger(trt.ILogger if trt is not None else object):
+    def __init__(self):
+        super().__init__()
+        self.errors: list[str] = []
+
+    def log(self, severity, msg):
+        if severity <= trt.ILogger.Severity.ERROR:
+            self.errors.append(msg)
+
+
+def _describe(network, profile) -> dict:
+    """The plan's I/O and profile as TensorRT itself reports them (checked against the spec by tests)."""
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
+    return {"inputs": [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape)} for t in inputs],
+            "outputs": [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape)} for t in outputs],
+            "profile": {t.name: [list(s) for s in profile.get_shape(t.name)] for t in inputs}}
+
+
+def build_plan(onnx_path: Path, onnx_sha256: str, spec: IOSpec, precision: str, plan_path: Path,
+               opt_level: int = 3, targets: list[str] | None = None, timing_cache: Path | None = None,
+               force: bool = False) -> dict:
+    """Build (or reuse, when the cache key matches) a plan; returns its engine.json record."""
+    if trt is None:
+        raise UserError(status()["why_not_build"])
+    targets = build_targets(targets)
+    key = cache_key(onnx_sha256, spec, precision, targets, opt_level)
+    record_path = plan_path.with_suffix(".json")
+    if not force and plan_path.is_file() and record_path.is_file():
+        old = json.loads(record_path.read_text())
+        if old.get("cache_key") == key:
+            return {**old, "reused": True}
+    logger = _Logger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors[:3]}")
+    config = builder.create_builder_config()
+    config.builder_optimization_level = opt_level
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in spec.profile().items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    if LIB == "tensorrt_rtx":
+        config.num_compute_capabilities = len(targets)
+        for i, t in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, t.upper()), i)
+    elif timing_cache is not None:  # timing caches are no-ops in TensorRT-RTX
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build {onnx_path.name}: {logger.errors[-3:]}")
+    if LIB == "tensorrt" and timing_cache is not None:
+        write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()))
+    write_bytes(plan_path, memoryview(plan))
+    record = {"network": spec.network, "library": LIB, "version": trt.__version__, "precision": precision,
+              "targets": targets, "opt_level": opt_level, "onnx_sha256": onnx_sha256, "cache_key": key,
+              "plan_bytes": plan_path.stat().st_size, "build_s": round(time.perf_counter() - t0, 2),
+              **_describe(network, profile)}
+    write_text(record_path, json.dumps(record, indent=2, sort_keys=True))
+    return {**record, "reused": False}
+
+
+class TrtEngine:
+    """A deserialized plan; one execution context, with its own device memory, per CUDA stream."""
+
+    def __init__(self, plan_path: Path, spec: IOSpec, device: torch.device):
+        record_path = plan_path.with_suffix(".json")
+        if not plan_path.is_file() or not record_path.is_file():
+            raise UserError(f"TensorRT plan {plan_path} or its record is missing; rebuild with trt-nuwaxl build")
+        record = json.loads(record_path.read_text())
+        if trt is None:
+            raise UserError(f"{plan_path} needs {record['library']} {record['version']}, which is not installed")
+        if (record["library"], record["version"]) != (LIB, trt.__version__):
+            raise UserError(f"{plan_path} was built with {record['library']} {record['version']} but "
+                            f"{LIB} {trt.__version__} is installed; rebuild with trt-nuwaxl build --force")
+        st = status()
+        if not st["can_run"]:
+            raise UserError(f"cannot run TensorRT engines here: {st['why_not_run']}")
+        gpu = _gpu()
+        here = f"sm{gpu[1][0]}{gpu[1][1]}"
+        if here not in record["targets"]:
+            raise UserError(f"{plan_path} was built for {record['targets']} but this GPU ({gpu[0]}) is {here}; "
+                            "rebuild with trt-nuwaxl build --force on this machine")
+        self.spec, self.device = spec, device
+        self.logger = _Logger()
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"could not load {plan_path} ({self.logger.errors[-1:]}); rebuild with --force")
+        self.contexts: dict[int, object] = {}
+
+    def _context(self, stream: torch.cuda.Stream):
+        ctx = self.contexts.get(stream.cuda_stream)
+        if ctx is None:  # FACTS.md #6: never share one context between streams
+            ctx = self.contexts[stream.cuda_stream] = self.engine.create_execution_context()
+        return ctx
+
+    def run(self, feeds: dict[str, torch.Tensor], stream: torch.cuda.Stream | None = None) -> dict:
+        stream = stream or torch.cuda.current_stream(self.device)
+        batch = next(iter(feeds.values())).shape[0]
+        self.spec.check_batch(batch)
+        ctx = self._context(stream)
+        for t in self.spec.inputs:
+            x = feeds[t.name].contiguous()
+            ctx.set_input_shape(t.name, tuple(x.shape))
+            ctx.set_tensor_address(t.name, x.data_ptr())
+        outputs = {}
+        for t in self.spec.outputs:
+            y = torch.empty(t.concrete(batch), dtype=TORCH_DTYPES[t.dtype], device=self.device)
+            ctx.set_tensor_address(t.name, y.data_ptr())
+            outputs[t.name] = y
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution of {self.spec.network} failed: {self.logger.errors[-3:]}")
+        return outputs

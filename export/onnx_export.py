@@ -1,0 +1,124 @@
+"""PyTorch -> ONNX for the four networks, from their IOSpec, with graph cleanup, external data for models over
+2 GB, and a manifest that records the source, the spec, the opset, library versions and the measured parity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from nuwaxl.files import write_text
+from nuwaxl.iospec import BATCH, IOSpec
+
+OPSET = 18
+# Parity tolerances: max |onnx - torch fp32| relative to max |torch fp32| over the output, per precision.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GB: keep weights beside the graph well before that
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def onnx_sha256(path: Path) -> str:
+    """Hash of the graph and, if present, its external weights file."""
+    h = hashlib.sha256(bytes.fromhex(sha256_file(path)))
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        h.update(bytes.fromhex(sha256_file(data)))
+    return h.hexdigest()
+
+
+def sample_inputs(spec: IOSpec, batch: int, device: torch.device, dtype: torch.dtype, vocab_size: int,
+                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Fresh random inputs of the spec's shapes: noise for floats, a binary mask, valid timesteps and token ids."""
+    feeds = {}
+    for t in spec.inputs:
+        shape = t.concrete(batch)
+        if t.name == "timesteps":
+            x = torch.randint(0, 1000, shape, generator=generator)
+        elif t.name == "input_ids":
+            x = torch.randint(0, vocab_size, shape, generator=generator)
+        elif t.name == "mask":
+            x = (torch.rand(shape, generator=generator) > 0.5).to(dtype)
+        else:
+            x = torch.randn(shape, generator=generator).to(dtype)
+        feeds[t.name] = x.to(device)
+    return feeds
+
+
+def export_onnx(module: nn.Module, spec: IOSpec, path: Path, sample: dict[str, torch.Tensor]) -> dict:
+    """Export with a dynamic batch axis; returns facts for the manifest."""
+    names = [t.name for t in spec.inputs]
+    dynamic = spec.batch_max > spec.batch_min
+    batch = torch.export.Dim(BATCH, min=spec.batch_min, max=spec.batch_max) if dynamic else None
+    shapes = tuple({0: batch} if dynamic else None for _ in names)
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, tuple(sample[n] for n in names), dynamo=True, dynamic_shapes=shapes,
+                                    input_names=names, output_names=[t.name for t in spec.outputs],
+                                    opset_version=OPSET, verbose=False)
+        program.optimize()  # constant folding, dead-code elimination (onnxscript optimizer)
+    external = param_bytes > EXTERNAL_DATA_BYTES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=external)
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))  # works on files of any size
+    return {"opset": OPSET, "external_data": external, "param_bytes": param_bytes,
+            "cleanup": ["onnxscript optimizer (constant folding, dead code)", "onnx shape inference"],
+            "export_s": round(time.perf_counter() - t0, 2)}
+
+
+def measure_parity(session_run, reference: nn.Module, spec: IOSpec, precision: str, batches: list[int],
+                   device: torch.device, vocab_size: int, seed: int = 0) -> dict:
+    """Run the ONNX model and the fp32 PyTorch reference on fresh random inputs at each batch size."""
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    results = {}
+    for b in sorted(set(batches)):
+        feeds = sample_inputs(spec, b, device, dtype, vocab_size, g)
+        with torch.inference_mode():
+            ref = reference(*(x.float() if x.is_floating_point() else x for x in feeds.values())).float()
+        out = session_run(feeds).float()
+        abs_err = (out - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        rel = abs_err / max(scale, 1e-6)
+        results[str(b)] = {"max_abs_err": abs_err, "ref_max_abs": scale, "rel_err": rel,
+                           "finite": bool(torch.isfinite(out).all())}
+    worst = max(r["rel_err"] for r in results.values())
+    ok = worst <= TOLERANCE[precision] and all(r["finite"] for r in results.values())
+    return {"metric": "max|onnx - torch_fp32| / max|torch_fp32|", "tolerance": TOLERANCE[precision],
+            "worst_rel_err": worst, "passed": ok, "batches": results}
+
+
+@dataclass(frozen=True)
+class ExportedNetwork:
+    onnx_path: Path
+    manifest_path: Path
+    manifest: dict
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def library_versions() -> dict[str, str]:
+    import onnxscript
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+            "numpy": np.__version__}

@@ -1,0 +1,228 @@
+"""`trt-nuwaxl build`: checkpoint -> ONNX (+ parity) -> engines, into one self-describing directory.
+
+Stages and their outputs are described in `nuwaxl.engine.directory`. Every stage is cached by a key over what
+changes its output, so a rebuild redoes only what changed; engines.json is written last.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nuwaxl.config import ModelConfig, preset
+from nuwaxl.engine.directory import FORMAT, FORMAT_VERSION, MANIFEST
+from nuwaxl.engine.torch_backend import resolve_device
+from nuwaxl.errors import UserError
+from nuwaxl.export.onnx_export import (
+    OPSET,
+    export_onnx,
+    library_versions,
+    measure_parity,
+    onnx_sha256,
+    sha256_file,
+    write_manifest,
+)
+from nuwaxl.files import atomic_output, write_text
+from nuwaxl.iospec import NETWORKS, IOSpec, io_specs
+from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
+from nuwaxl.models.networks import networks
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+def parity_batches(spec: IOSpec, which: str) -> list[int]:
+    if which == "none":
+        return []
+    pick = {"min": spec.batch_min, "opt": spec.batch_opt, "max": spec.batch_max}
+    try:
+        return sorted({pick[w] if w in pick else int(w) for w in which.split(",")})
+    except ValueError:
+        raise UserError(f"--parity {which!r}: give a comma list of min, opt, max or batch sizes, or 'none'") from None
+
+
+def _stage_key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached(manifest_path: Path, key: str, force: bool) -> dict | None:
+    if force or not manifest_path.is_file():
+        return None
+    old = json.loads(manifest_path.read_text())
+    return old if old.get("stage_key") == key else None
+
+
+def _check_parity(name: str, parity: dict, where: Path) -> None:
+    if parity and not parity["passed"]:
+        raise ParityError(f"{name}: parity failed (worst relative error {parity['worst_rel_err']:.2e} > "
+                          f"{parity['tolerance']:.0e}); details in {where}")
+
+
+def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int = 16,
+          checkpoint: str | None = None, preset_name: str | None = None, resolution: int | None = None,
+          frames_per_call: int | None = None, device: str | None = None, opt_level: int = 3,
+          targets: list[str] | None = None, parity: str = "min,opt,max", force: bool = False,
+          progress: bool = True, log=print) -> dict:
+    if backend not in ("tensorrt", "onnxruntime", "torch"):
+        raise UserError(f"unknown backend {backend!r}; use tensorrt, onnxruntime or torch")
+    if precision not in ("fp16", "fp32"):
+        raise UserError(f"precision {precision!r}: engines are built in fp16 or fp32")
+    out = Path(out)
+    dev = resolve_device(device)
+    if backend == "torch" and precision == "fp16" and dev.type == "cpu":
+        raise UserError("fp16 AOTInductor packages need a CUDA device; use --precision fp32 or --device cuda")
+    config = load_checkpoint(checkpoint).config if checkpoint else preset(preset_name or "small")
+    if resolution:
+        config = config.with_resolution(resolution)
+    L = frames_per_call or config.frames_per_call
+    specs = io_specs(config, precision, max_batch, L)
+    for sub in {"onnxruntime": ("onnx",), "tensorrt": ("onnx", "tensorrt"), "torch": ("torch",)}[backend]:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():  # an interrupted rebuild must not look complete
+        manifest_path.unlink()
+    timings: dict[str, float] = {}
+    bar = tqdm(total=1 + len(NETWORKS), desc=f"build {backend} {precision}", unit="stage", disable=not progress)
+
+    t0 = time.perf_counter()
+    models = load_checkpoint(checkpoint) if checkpoint else NuwaModels.random(config, seed=0)
+    ckpt = out / "checkpoint.safetensors"
+    if checkpoint:
+        if Path(checkpoint).resolve() != ckpt.resolve():
+            with atomic_output(ckpt) as tmp:
+                shutil.copyfile(checkpoint, tmp)
+    elif force or not ckpt.is_file() or load_checkpoint(ckpt).config != models.config:
+        save_checkpoint(models, ckpt)
+    ckpt_sha = sha256_file(ckpt)
+    write_text(out / "tokenizer.json", models.tokenizer.json)
+    models.config = config
+    reference = {n: m.to(dev, torch.float32) for n, m in networks(models.float().to(dev)).items()}
+    timings["checkpoint_s"] = time.perf_counter() - t0
+    bar.update()
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    versions = {**library_versions(), "python": platform.python_version()}
+    records = {}
+    for name in NETWORKS:
+        t1 = time.perf_counter()
+        bar.set_postfix(network=name)
+        spec = specs[name]
+        module = networks(_cast_copy(models, dtype))[name] if dtype != torch.float32 else reference[name]
+        record = {"io_spec": spec.to_dict()}
+        if backend in ("onnxruntime", "tensorrt"):
+            record.update(_onnx_stage(name, module, reference[name], spec, precision, out, dev, ckpt_sha,
+                                      config, parity, force, log))
+        if backend == "tensorrt":
+            from nuwaxl.engine.tensorrt_backend import build_plan
+
+            rec = build_plan(out / "onnx" / f"{name}.onnx", record["onnx_sha256"], spec, precision,
+                             out / "tensorrt" / f"{name}.plan", opt_level, targets, out / "tensorrt" / "timing.cache",
+                             force)
+            log(f"{name}: TensorRT plan for {rec['targets']} " + ("reused (cache key matches)" if rec["reused"]
+                                                                    else f"built in {rec['build_s']} s"))
+            record["plan"] = f"tensorrt/{name}.plan"
+        if backend == "torch":
+            record.update(_aoti_stage(name, module, reference[name], spec, precision, out, dev, ckpt_sha,
+                                      config, parity, force, log))
+        timings[f"{name}_s"] = time.perf_counter() - t1
+        records[name] = record
+        bar.update()
+    bar.close()
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "precision": precision,
+                "max_batch": max_batch, "frames_per_call": L, "resolution": config.resolution,
+                "model_config": config.to_dict(), "checkpoint": {"file": ckpt.name, "sha256": ckpt_sha,
+                                                                 "source": str(checkpoint or f"preset:{config.name}")},
+                "device": str(dev), "device_type": dev.type, "gpu": _gpu_name(dev), "networks": records,
+                "timings_s": {k: round(v, 2) for k, v in timings.items()}, "versions": versions,
+                "created_unix": int(time.time())}
+    write_manifest(manifest_path, manifest)
+    return manifest
+
+
+def _cast_copy(models: NuwaModels, dtype: torch.dtype) -> NuwaModels:
+    """A copy of the bundle in another dtype (the fp32 reference stays untouched)."""
+    return copy.deepcopy(models).to(dtype)
+
+
+def _gpu_name(dev: torch.device) -> str | None:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+
+
+def _onnx_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, config: ModelConfig, parity, force,
+                log) -> dict:
+    from nuwaxl.engine.onnxruntime_backend import OrtEngine, status
+
+    onnx_path, man_path = out / "onnx" / f"{name}.onnx", out / "onnx" / f"{name}.json"
+    key = _stage_key(checkpoint=ckpt_sha, spec=spec.to_dict(), precision=precision, opset=OPSET,
+                     torch=torch.__version__, parity=parity)
+    cached = _cached(man_path, key, force)
+    if cached and onnx_path.is_file() and onnx_sha256(onnx_path) == cached["onnx_sha256"]:
+        log(f"{name}: ONNX reused (same checkpoint, spec and precision)")
+        return {"onnx": f"onnx/{name}.onnx", "onnx_sha256": cached["onnx_sha256"]}
+    g = torch.Generator().manual_seed(1)
+    from nuwaxl.export.onnx_export import sample_inputs
+
+    sample = sample_inputs(spec, min(2, spec.batch_max), dev, next(module.parameters()).dtype,
+                           config.text.vocab_size, g)
+    facts = export_onnx(module, spec, onnx_path, sample)
+    ort_dev = dev if (dev.type == "cuda" and status().get("cuda")) else torch.device("cpu")
+    engine = OrtEngine(onnx_path, spec, ort_dev)
+    ref = reference.to(ort_dev)
+
+    def run(feeds):
+        return engine.run(feeds)[spec.outputs[0].name]
+
+    result = measure_parity(run, ref, spec, precision, parity_batches(spec, parity), ort_dev, config.text.vocab_size)
+    sha = onnx_sha256(onnx_path)
+    manifest = {"network": name, "stage_key": key, "onnx_sha256": sha, "source_checkpoint_sha256": ckpt_sha,
+                "precision": precision, "io_spec": spec.to_dict(), **facts, "versions": library_versions(),
+                "parity": {**result, "runtime": f"onnxruntime {status().get('version')} on {ort_dev.type}"}}
+    write_manifest(man_path, manifest)
+    reference.to(dev)
+    _check_parity(name, result, man_path)
+    log(f"{name}: ONNX exported in {facts['export_s']} s, parity {result['worst_rel_err']:.1e} "
+        f"(tolerance {result['tolerance']:.0e})")
+    return {"onnx": f"onnx/{name}.onnx", "onnx_sha256": sha}
+
+
+def _aoti_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, config, parity, force, log) -> dict:
+    from nuwaxl.engine.torch_backend import AotiEngine
+    from nuwaxl.export.onnx_export import sample_inputs
+
+    pt2, man_path = out / "torch" / f"{name}.pt2", out / "torch" / f"{name}.json"
+    key = _stage_key(checkpoint=ckpt_sha, spec=spec.to_dict(), precision=precision, torch=torch.__version__,
+                     device=_gpu_name(dev) or platform.processor() or "cpu", parity=parity)
+    cached = _cached(man_path, key, force)
+    if cached and pt2.is_file():
+        log(f"{name}: AOTInductor package reused")
+        return {"package": f"torch/{name}.pt2"}
+    names = [t.name for t in spec.inputs]
+    dtype = next(module.parameters()).dtype
+    sample = sample_inputs(spec, min(2, spec.batch_max), dev, dtype, config.text.vocab_size,
+                           torch.Generator().manual_seed(1))
+    t0 = time.perf_counter()
+    dynamic = spec.batch_max > spec.batch_min
+    batch = torch.export.Dim("batch", min=spec.batch_min, max=spec.batch_max) if dynamic else None
+    with torch.no_grad():
+        program = torch.export.export(module, tuple(sample[n] for n in names),
+                                      dynamic_shapes=tuple({0: batch} if dynamic else None for _ in names))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(pt2))
+    compile_s = round(time.perf_counter() - t0, 2)
+    engine = AotiEngine(pt2, spec)
+    result = measure_parity(lambda feeds: engine.run(feeds)[spec.outputs[0].name], reference, spec, precision,
+                            parity_batches(spec, parity), dev, config.text.vocab_size)
+    write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": ckpt_sha,
+                              "precision": precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
+                              "device": str(dev), "torch": torch.__version__, "parity": result})
+    _check_parity(name, result, man_path)
+    log(f"{name}: AOTInductor package compiled in {compile_s} s, parity {result['worst_rel_err']:.1e}")
+    return {"package": f"torch/{name}.pt2"}

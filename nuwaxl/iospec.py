@@ -1,0 +1,89 @@
+"""The one source of truth for network I/O: names, dtypes, named axes and the batch range.
+
+It produces the export sample inputs and ONNX dynamic axes (export/), TensorRT optimization profiles (engine/)
+and the runtime's buffers and batch limits. It is plain data, written into every manifest and read back from it,
+so later stages never import earlier stages' code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from nuwaxl.config import ModelConfig
+from nuwaxl.errors import UserError
+
+Precision = Literal["fp16", "fp32"]
+NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+BATCH = "batch"  # the only dynamic axis: concurrent calls (x2 with classifier-free guidance), or prompts
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: Literal["float16", "float32", "int64"]
+    shape: tuple[int | str, ...]  # BATCH marks the dynamic axis
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == BATCH else d for d in self.shape)
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    network: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batch_min: int
+    batch_opt: int
+    batch_max: int
+
+    def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """(min, opt, max) shape per input: a TensorRT optimization profile."""
+        return {t.name: (t.concrete(self.batch_min), t.concrete(self.batch_opt), t.concrete(self.batch_max))
+                for t in self.inputs}
+
+    def check_batch(self, batch: int) -> None:
+        if not self.batch_min <= batch <= self.batch_max:
+            raise UserError(f"{self.network}: batch {batch} is outside the built range "
+                            f"{self.batch_min}..{self.batch_max}; rebuild the engines with a larger --max-batch")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> IOSpec:
+        def tensors(items):
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
+
+        return cls(d["network"], tensors(d["inputs"]), tensors(d["outputs"]), d["batch_min"], d["batch_opt"],
+                   d["batch_max"])
+
+
+def io_specs(config: ModelConfig, precision: Precision, max_batch: int,
+             frames_per_call: int | None = None) -> dict[str, IOSpec]:
+    """Specs of the four networks generation runs; frames (L) and resolution are fixed per build."""
+    if max_batch < 1:
+        raise UserError(f"max_batch={max_batch} must be at least 1")
+    if precision not in ("fp16", "fp32"):
+        raise UserError(f"precision {precision!r} is not supported for engines; use fp16 or fp32")
+    f = "float16" if precision == "fp16" else "float32"
+    L = frames_per_call or config.frames_per_call
+    c, h, res = config.vae.latent_channels, config.latent_size, config.resolution
+    tokens, d_text = config.text.max_length, config.text.hidden_size
+    latent = (BATCH, L, c, h, h)  # (B, L, C, H, W)
+    video = (BATCH, L, 3, res, res)
+
+    def spec(name, inputs, outputs):
+        return IOSpec(name, tuple(TensorSpec(*t) for t in inputs), tuple(TensorSpec(*t) for t in outputs),
+                      1, max_batch, max_batch)
+
+    return {
+        "text_encoder": spec("text_encoder", [("input_ids", "int64", (BATCH, tokens))],
+                             [("embeddings", f, (BATCH, tokens, d_text))]),
+        "unet": spec("unet", [("x_t", f, latent), ("timesteps", "int64", (BATCH,)),
+                              ("context", f, (BATCH, L, tokens, d_text)), ("cond", f, latent),
+                              ("mask", f, (BATCH, L, 1, h, h))],
+                     [("eps", f, latent)]),
+        "vae_encoder": spec("vae_encoder", [("video", f, video)], [("latents", f, latent)]),
+        "vae_decoder": spec("vae_decoder", [("latents", f, latent)], [("video", f, video)]),
+    }
