@@ -195,7 +195,7 @@ def _onnx_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, co
 
 
 def _aoti_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, config, parity, force, log) -> dict:
-    from nuwaxl.engine.torch_backend import AotiEngine
+    from nuwaxl.engine.torch_backend import AOTI_MIN_BATCH, AotiEngine
     from nuwaxl.export.onnx_export import sample_inputs
 
     pt2, man_path = out / "torch" / f"{name}.pt2", out / "torch" / f"{name}.json"
@@ -211,7 +211,7 @@ def _aoti_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, co
                            torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
     dynamic = spec.batch_max > spec.batch_min
-    batch = torch.export.Dim("batch", min=spec.batch_min, max=spec.batch_max) if dynamic else None
+    batch = torch.export.Dim("batch", min=max(spec.batch_min, AOTI_MIN_BATCH), max=spec.batch_max) if dynamic else None
     with torch.no_grad():
         program = torch.export.export(module, tuple(sample[n] for n in names),
                                       dynamic_shapes=tuple({0: batch} if dynamic else None for _ in names))
