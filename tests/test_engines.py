@@ -1,0 +1,222 @@
+"""Export, parity, engine directories and backends on the tiny preset (CPU).
+
+Builds run once per session: ONNX Runtime fp32, TensorRT fp16 (tensorrt-rtx builds plans without a GPU) and
+torch AOTInductor fp32. TensorRT *execution* needs a GPU the installed TensorRT supports and skips otherwise.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from nuwaxl.build import build
+from nuwaxl.cli import main
+from nuwaxl.config import ModelConfig
+from nuwaxl.engine import tensorrt_backend
+from nuwaxl.engine.directory import load_engines, read_manifest
+from nuwaxl.errors import UserError
+from nuwaxl.export.onnx_export import TOLERANCE
+from nuwaxl.iospec import NETWORKS, IOSpec, io_specs
+from nuwaxl.runtime.video import read_mp4
+
+MAX_BATCH = 4
+TRT = tensorrt_backend.status()
+needs_trt_build = pytest.mark.skipif(not TRT["can_build"], reason=str(TRT["why_not_build"]))
+
+
+def quiet(msg):
+    pass
+
+
+@pytest.fixture(scope="session")
+def ort_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "ort"
+    build(out, "onnxruntime", "fp32", MAX_BATCH, preset_name="tiny", device="cpu", progress=False, log=quiet)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trt_dir(tmp_path_factory):
+    if not TRT["can_build"]:
+        pytest.skip(TRT["why_not_build"])
+    out = tmp_path_factory.mktemp("engines") / "trt"
+    build(out, "tensorrt", "fp16", MAX_BATCH, preset_name="tiny", device="cpu", progress=False, log=quiet)
+    return out
+
+
+@pytest.fixture(scope="session")
+def aoti_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "aoti"
+    build(out, "torch", "fp32", MAX_BATCH, preset_name="tiny", device="cpu", progress=False, log=quiet)
+    return out
+
+
+def expected_specs(directory):
+    m = read_manifest(directory)
+    return io_specs(ModelConfig.from_dict(m["model_config"]), m["precision"], MAX_BATCH, m["frames_per_call"])
+
+
+@pytest.mark.parametrize("which", ["ort_dir", "trt_dir"])
+def test_onnx_export_and_parity_for_each_network(which, request):
+    d = request.getfixturevalue(which)
+    m = read_manifest(d)
+    for name in NETWORKS:
+        man = json.loads((d / "onnx" / f"{name}.json").read_text())
+        parity = man["parity"]
+        assert parity["passed"] and parity["tolerance"] == TOLERANCE[m["precision"]]
+        assert set(parity["batches"]) == {"1", str(MAX_BATCH)}  # min and opt/max batch
+        assert parity["worst_rel_err"] <= TOLERANCE[m["precision"]]
+        assert man["source_checkpoint_sha256"] == m["checkpoint"]["sha256"]
+        assert man["opset"] == 18 and {"torch", "onnx", "onnxscript"} <= set(man["versions"])
+        assert IOSpec.from_dict(man["io_spec"]) == expected_specs(d)[name]
+        graph = onnx.load(str(d / "onnx" / f"{name}.onnx"), load_external_data=False).graph
+        spec = expected_specs(d)[name]
+        assert [i.name for i in graph.input] == [t.name for t in spec.inputs]
+        for i, t in zip(graph.input, spec.inputs, strict=True):
+            dims = [dim.dim_param or dim.dim_value for dim in i.type.tensor_type.shape.dim]
+            assert dims == list(t.shape), (name, dims, t.shape)
+
+
+def test_parity_numbers_are_fp32_tight_and_fp16_loose(ort_dir, trt_dir):
+    fp32 = json.loads((ort_dir / "onnx" / "unet.json").read_text())["parity"]["worst_rel_err"]
+    fp16 = json.loads((trt_dir / "onnx" / "unet.json").read_text())["parity"]["worst_rel_err"]
+    assert fp32 < 1e-5 < fp16 < 2e-2
+
+
+@needs_trt_build
+def test_tensorrt_plans_match_the_spec(trt_dir):
+    specs = expected_specs(trt_dir)
+    trt_dtype = {"float16": "HALF", "float32": "FLOAT", "int64": "INT64"}
+    for name in NETWORKS:
+        rec = json.loads((trt_dir / "tensorrt" / f"{name}.json").read_text())  # as read back from TensorRT
+        spec = specs[name]
+        for got, want in ((rec["inputs"], spec.inputs), (rec["outputs"], spec.outputs)):
+            assert [(t["name"], t["dtype"]) for t in got] == [(t.name, trt_dtype[t.dtype]) for t in want]
+            assert [t["shape"] for t in got] == [[-1 if d == "batch" else d for d in t.shape] for t in want]
+        assert rec["profile"] == {k: [list(s) for s in v] for k, v in spec.profile().items()}
+        assert rec["precision"] == "fp16" and rec["plan_bytes"] > 0 and rec["library"] == TRT["library"]
+
+
+@needs_trt_build
+def test_tensorrt_cache_key_rebuilds_only_on_change(trt_dir, ort_dir, tmp_path):
+    from nuwaxl.export.onnx_export import onnx_sha256
+
+    spec = expected_specs(trt_dir)["text_encoder"]
+    onnx16 = trt_dir / "onnx" / "text_encoder.onnx"
+    plan = tmp_path / "text_encoder.plan"
+    sha = onnx_sha256(onnx16)
+    assert not tensorrt_backend.build_plan(onnx16, sha, spec, "fp16", plan)["reused"]
+    assert tensorrt_backend.build_plan(onnx16, sha, spec, "fp16", plan)["reused"]  # same inputs: no rebuild
+    wider = IOSpec(spec.network, spec.inputs, spec.outputs, 1, 8, 8)
+    rebuilt = tensorrt_backend.build_plan(onnx16, sha, wider, "fp16", plan)
+    assert not rebuilt["reused"] and rebuilt["profile"]["input_ids"][2] == [8, 77]  # changed profile
+    onnx32 = ort_dir / "onnx" / "text_encoder.onnx"  # changed ONNX (other weights dtype)
+    spec32 = expected_specs(ort_dir)["text_encoder"]
+    wider32 = IOSpec(spec32.network, spec32.inputs, spec32.outputs, 1, 8, 8)
+    assert not tensorrt_backend.build_plan(onnx32, onnx_sha256(onnx32), wider32, "fp32", plan)["reused"]
+
+
+@needs_trt_build
+def test_tensorrt_plan_from_another_version_or_gpu_says_rebuild(trt_dir, tmp_path, monkeypatch):
+    from nuwaxl.engine.tensorrt_backend import TrtEngine
+
+    d = tmp_path / "copy"
+    shutil.copytree(trt_dir, d)
+    spec = expected_specs(d)["unet"]
+    record = d / "tensorrt" / "unet.json"
+    original = record.read_text()
+    record.write_text(original.replace(f'"version": "{TRT["version"]}"', '"version": "0.0.1"'))
+    with pytest.raises(UserError, match="was built with .* 0.0.1 but .* is installed; rebuild"):
+        TrtEngine(d / "tensorrt" / "unet.plan", spec, torch.device("cuda"))
+    record.write_text(original)
+    monkeypatch.setattr(tensorrt_backend, "status", lambda: {"can_run": True})
+    monkeypatch.setattr(tensorrt_backend, "_gpu", lambda: ("NVIDIA H100", (9, 0)))
+    with pytest.raises(UserError, match=r"built for \['sm89'\] but this GPU \(NVIDIA H100\) is sm90; rebuild"):
+        TrtEngine(d / "tensorrt" / "unet.plan", spec, torch.device("cuda"))
+
+
+def test_tensorrt_engines_run_or_skip_with_the_reason(trt_dir, ort_dir):
+    if not TRT["can_run"]:
+        pytest.skip(TRT["why_not_run"])
+    nets = load_engines(trt_dir)
+    x = torch.randn(2, 16, 3, 32, 32, device="cuda", dtype=torch.float16)
+    ref = load_engines(ort_dir, device="cuda" if torch.cuda.is_available() else "cpu").encode_frames(x.float())
+    torch.testing.assert_close(nets.encode_frames(x).float(), ref.to(x.device).float(), atol=3e-2, rtol=3e-2)
+
+
+def test_aoti_packages_have_parity(aoti_dir):
+    for name in NETWORKS:
+        parity = json.loads((aoti_dir / "torch" / f"{name}.json").read_text())["parity"]
+        assert parity["passed"] and "1" in parity["batches"]  # batch 1 goes through the padding path
+
+
+@pytest.mark.parametrize("which", ["ort_dir", "aoti_dir"])
+def test_generate_with_engines_matches_pytorch(which, request, tmp_path):
+    """Same weights, seeds and sampler: engine frames equal the eager PyTorch frames up to fp32 rounding
+    (compared before video encoding, which would amplify a one-level difference)."""
+    from nuwaxl.runtime.pipeline import Pipeline
+
+    d = request.getfixturevalue(which)
+    kw = dict(num_frames=40, num_inference_steps=3, seed=2, sampler="ddpm", progress=False)
+    reference = Pipeline.from_pretrained(d / "checkpoint.safetensors", device="cpu")(["a cat", "a dog"], **kw).frames
+    engines = Pipeline.from_engines(d, device="cpu")(["a cat", "a dog"], **kw).frames
+    diff = np.abs(reference.astype(int) - engines.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--engines", str(d), "--frames", "40", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    assert read_mp4(out).shape == (40, 32, 32, 3)
+
+
+def test_engine_dir_batches_larger_than_built_are_split(ort_dir):
+    nets = load_engines(ort_dir, device="cpu")
+    video = torch.rand(MAX_BATCH * 2 + 1, 16, 3, 32, 32) * 2 - 1
+    split = nets.encode_frames(video)
+    assert split.shape[0] == MAX_BATCH * 2 + 1
+    torch.testing.assert_close(split[-1:], nets.encode_frames(video[-1:]))
+
+
+def test_engine_directory_errors(ort_dir, tmp_path, capsys):
+    with pytest.raises(UserError, match="engine directory not found"):
+        read_manifest(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    shutil.copytree(ort_dir, broken)
+    (broken / "engines.json").unlink()
+    with pytest.raises(UserError, match="has no engines.json: not an engine directory, or an interrupted build"):
+        read_manifest(broken)
+    (broken / "engines.json").write_text("{not json")
+    with pytest.raises(UserError, match="is corrupt"):
+        read_manifest(broken)
+    (broken / "engines.json").write_text((ort_dir / "engines.json").read_text())
+    (broken / "onnx" / "unet.onnx").unlink()
+    with pytest.raises(UserError, match="ONNX file missing: .*unet.onnx; rebuild"):
+        load_engines(broken, device="cpu")
+    (broken / "onnx" / "unet.onnx").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="ONNX Runtime cannot load"):
+        load_engines(broken, device="cpu")
+    out = str(tmp_path / "v.mp4")
+    assert main(["generate", "--engines", str(ort_dir), "-L", "8", "--frames", "20", "--out", out]) == 2
+    assert "were built for --frames-per-call 16, not 8" in capsys.readouterr().err
+    assert main(["generate", "--engines", str(ort_dir), "--resolution", "64", "--frames", "20", "--out", out]) == 2
+    assert "were built for --resolution 32, not 64" in capsys.readouterr().err
+
+
+def test_build_errors():
+    with pytest.raises(UserError, match="unknown backend 'tvm'"):
+        build("/tmp/x", "tvm", preset_name="tiny")
+    with pytest.raises(UserError, match="fp16 AOTInductor packages need a CUDA device"):
+        build("/tmp/x", "torch", "fp16", preset_name="tiny", device="cpu")
+
+
+def test_doctor_reports_each_backend_with_a_reason():
+    from nuwaxl.doctor import report
+
+    r = report()
+    assert set(r["backends"]) >= {"torch-eager", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt-build",
+                                  "tensorrt-run", "torch-aoti"}
+    for item in r["backends"].values():
+        assert item["usable"] or item["why"]
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU is visible" in r["backends"]["tensorrt-run"]["why"]
