@@ -71,7 +71,8 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
           checkpoint: str | None = None, preset_name: str | None = None, resolution: int | None = None,
           frames_per_call: int | None = None, device: str | None = None, opt_level: int = 3,
           targets: list[str] | None = None, parity: str = "min,opt,max", force: bool = False,
-          progress: bool = True, log=print) -> dict:
+          progress: bool = True, log=print, only: tuple[str, ...] = NETWORKS, init_device: str = "cpu") -> dict:
+    """Build engines; `only` builds a subset (for benchmarks) and then writes no engines.json."""
     if backend not in ("tensorrt", "onnxruntime", "torch"):
         raise UserError(f"unknown backend {backend!r}; use tensorrt, onnxruntime or torch")
     if precision not in ("fp16", "fp32"):
@@ -91,10 +92,10 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
     if manifest_path.exists():  # an interrupted rebuild must not look complete
         manifest_path.unlink()
     timings: dict[str, float] = {}
-    bar = tqdm(total=1 + len(NETWORKS), desc=f"build {backend} {precision}", unit="stage", disable=not progress)
+    bar = tqdm(total=1 + len(only), desc=f"build {backend} {precision}", unit="stage", disable=not progress)
 
     t0 = time.perf_counter()
-    models = load_checkpoint(checkpoint) if checkpoint else NuwaModels.random(config, seed=0)
+    models = load_checkpoint(checkpoint) if checkpoint else NuwaModels.random(config, seed=0, device=init_device)
     ckpt = out / "checkpoint.safetensors"
     if checkpoint:
         if Path(checkpoint).resolve() != ckpt.resolve():
@@ -112,11 +113,12 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
     dtype = torch.float16 if precision == "fp16" else torch.float32
     versions = {**library_versions(), "python": platform.python_version()}
     records = {}
-    for name in NETWORKS:
+    export_nets = networks(_cast_copy(models, dtype)) if dtype != torch.float32 else reference
+    for name in only:
         t1 = time.perf_counter()
         bar.set_postfix(network=name)
         spec = specs[name]
-        module = networks(_cast_copy(models, dtype))[name] if dtype != torch.float32 else reference[name]
+        module = export_nets[name]
         record = {"io_spec": spec.to_dict()}
         if backend in ("onnxruntime", "tensorrt"):
             record.update(_onnx_stage(name, module, reference[name], spec, precision, out, dev, ckpt_sha,
@@ -144,7 +146,8 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
                 "device": str(dev), "device_type": dev.type, "gpu": _gpu_name(dev), "networks": records,
                 "timings_s": {k: round(v, 2) for k, v in timings.items()}, "versions": versions,
                 "created_unix": int(time.time())}
-    write_manifest(manifest_path, manifest)
+    if set(only) == set(NETWORKS):  # a partial build is not a usable engine directory
+        write_manifest(manifest_path, manifest)
     return manifest
 
 
