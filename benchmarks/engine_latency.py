@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -36,7 +37,7 @@ def environment() -> dict:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(),
            "driver": run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
-           "git_sha": run(["git", "rev-parse", "HEAD"]) or "unknown"}
+           "git_sha": os.environ.get("NUWAXL_GIT_SHA") or run(["git", "rev-parse", "--verify", "HEAD"]) or "unknown"}
     try:
         import onnxruntime
 

@@ -220,3 +220,14 @@ def test_doctor_reports_each_backend_with_a_reason():
         assert item["usable"] or item["why"]
     if not torch.cuda.is_available():
         assert "no CUDA GPU is visible" in r["backends"]["tensorrt-run"]["why"]
+
+
+def test_build_command_reports_stages_and_reuses_cached_work(ort_dir, capsys):
+    """`trt-nuwaxl build` with the fixture's settings: every stage's cache key matches, nothing is redone."""
+    args = ["build", "--preset", "tiny", "--backend", "onnxruntime", "--precision", "fp32", "--max-batch",
+            str(MAX_BATCH), "--device", "cpu", "--out", str(ort_dir), "--quiet"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("ONNX reused") == 4
+    assert "wrote" in err and "unet" in err and " s:" in err  # per-stage timing
+    assert read_manifest(ort_dir)["backend"] == "onnxruntime"
