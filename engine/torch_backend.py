@@ -6,6 +6,7 @@ is a compiled engine file that runs without the model code.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -52,7 +53,7 @@ class TorchEngine:
 
     @torch.inference_mode()
     def run(self, feeds, stream=None):
-        with torch.cuda.stream(stream) if stream is not None else _null():
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             return {self.out_name: self.fn(*(feeds[n] for n in self.names))}
 
 
@@ -84,7 +85,7 @@ class CudaGraphEngine(TorchEngine):
         if key not in self.graphs:
             self.graphs[key] = self._capture(feeds)
         graph, static, out = self.graphs[key]
-        with torch.cuda.stream(stream) if stream is not None else _null():
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for n in self.names:
                 static[n].copy_(feeds[n], non_blocking=True)
             graph.replay()
@@ -115,18 +116,10 @@ class AotiEngine:
         self.spec.check_batch(batch)
         pad = AOTI_MIN_BATCH - batch if batch < AOTI_MIN_BATCH <= self.spec.batch_max else 0
         args = [feeds[n] if not pad else torch.cat([feeds[n]] + [feeds[n][:1]] * pad) for n in self.names]
-        with torch.cuda.stream(stream) if stream is not None else _null():
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             out = self.fn(*args)
         out = out[0] if isinstance(out, (list, tuple)) else out
         return {self.out_name: out[:batch]}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def torch_networks(models, device: str | None = None, precision: str | None = None, resolution: int | None = None,

@@ -231,3 +231,24 @@ def test_build_command_reports_stages_and_reuses_cached_work(ort_dir, capsys):
     assert err.count("ONNX reused") == 4
     assert "wrote" in err and "unet" in err and " s:" in err  # per-stage timing
     assert read_manifest(ort_dir)["backend"] == "onnxruntime"
+
+
+def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
+    """Models over the threshold (1 GiB; the paper UNet is 2.2 GB in fp16) store weights beside the graph."""
+    from nuwaxl.config import preset
+    from nuwaxl.engine.onnxruntime_backend import OrtEngine
+    from nuwaxl.export import onnx_export
+    from nuwaxl.models.checkpoint import NuwaModels
+    from nuwaxl.models.networks import networks
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1024)
+    cfg = preset("tiny")
+    spec = io_specs(cfg, "fp32", 2)["text_encoder"]
+    module = networks(NuwaModels.random(cfg))["text_encoder"]
+    feeds = onnx_export.sample_inputs(spec, 2, torch.device("cpu"), torch.float32, 900, torch.Generator())
+    path = tmp_path / "text_encoder.onnx"
+    facts = onnx_export.export_onnx(module, spec, path, feeds)
+    assert facts["external_data"] and (tmp_path / "text_encoder.onnx.data").stat().st_size > path.stat().st_size
+    out = OrtEngine(path, spec, torch.device("cpu")).run(feeds)["embeddings"]
+    with torch.inference_mode():
+        torch.testing.assert_close(out, module(feeds["input_ids"]), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,188 @@
+"""End-to-end speed scenarios: diffusion over diffusion (DoD) against autoregressive over diffusion (AR, FDM*),
+on the same backend, sampler and step count. Random weights: speed does not depend on weight values.
+
+    python benchmarks/speed.py --set table1-128 --backend cudagraph --out r.json      # on a GPU
+    python benchmarks/speed.py --set cpu-smoke --out r.json                           # anywhere
+    pytest benchmarks/test_speed.py --benchmark-enable                                # pytest-benchmark form
+
+Per scenario: wall time (median and spread over repeats, warm-up excluded), GPU-seconds, frames/s, time to first
+frame, peak memory, and utilization = FLOPs counted (torch's FlopCounterMode on each network, scaled by the calls
+made) / wall time / peak FLOP rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from nuwaxl.iospec import io_specs
+from nuwaxl.runtime.pipeline import Pipeline
+
+PEAK_TFLOPS = {"H200": 790.0, "H100": 798.0}  # dense fp16/bf16 matmul, measured here (FACTS.md)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    preset: str
+    resolution: int
+    num_frames: int
+    mode: str  # dod | ar
+    steps: int = 50
+    sampler: str = "ddim"
+    frames_per_call: int = 16
+    depth: int | None = None  # None: the least that reaches num_frames
+    repeats: int = 3
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset}-{self.resolution}px-{self.num_frames}f-{self.mode}-{self.steps}steps"
+
+
+def table1(resolution: int, steps: int = 50) -> list[Scenario]:
+    return [Scenario("paper", resolution, n, mode, steps, repeats=3 if (mode, n) != ("ar", 1024) else 1)
+            for n in (16, 256, 1024) for mode in ("ar", "dod")]
+
+
+SETS = {
+    "cpu-smoke": [Scenario("tiny", 32, n, mode, steps=2, repeats=2) for n in (16, 40) for mode in ("ar", "dod")],
+    "table1-128": table1(128),
+    "table1-256": table1(256),
+}
+STORY = ["a red caveman walks out of his stone house", "a blue dinosaur runs across the yard",
+         "the sun sets behind the volcano", "they sit by the fire at night"]
+
+
+def environment(device: torch.device) -> dict:
+    def run(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"unavailable: {e}"
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "git_sha": os.environ.get("NUWAXL_GIT_SHA") or run(["git", "rev-parse", "--verify", "HEAD"]) or "unknown"}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda, gpus=1,
+                   driver=run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
+    else:
+        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return env
+
+
+def flops_per_item(pipe: Pipeline, frames_per_call: int) -> dict[str, float]:
+    """FLOPs of one batch row of each network (one call of L frames; one prompt), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nuwaxl.export.onnx_export import sample_inputs
+
+    nets, spec = pipe.nets, pipe.nets.spec
+    specs = io_specs(spec.config, "fp16" if spec.dtype == torch.float16 else "fp32", 1, frames_per_call)
+    out = {}
+    for name, engine in nets.engines.items():
+        feeds = sample_inputs(specs[name], 1, spec.device, spec.dtype, spec.config.text.vocab_size,
+                              torch.Generator().manual_seed(0))
+        module = getattr(engine, "module", None)
+        if module is None:
+            return {}
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            module(*feeds.values())
+        out[name] = float(counter.get_total_flops())
+    return out
+
+
+def plan_for(pipe: Pipeline, s: Scenario):
+    return pipe.prepare(STORY, s.num_frames, num_inference_steps=s.steps, sampler=s.sampler, mode=s.mode,
+                        frames_per_call=s.frames_per_call, depth=s.depth).plan
+
+
+def counted_flops(pipe: Pipeline, s: Scenario, per_item: dict[str, float]) -> float:
+    """Total FLOPs of a run: UNet rows x steps, VAE encodes and decodes per call, prompts encoded once each."""
+    calls = len(plan_for(pipe, s).calls)
+    prompts = len(set(STORY))
+    return (per_item.get("unet", 0) * calls * s.steps + (per_item.get("vae_encoder", 0) +
+            per_item.get("vae_decoder", 0)) * calls + per_item.get("text_encoder", 0) * (prompts + 1))
+
+
+def run_once(pipe: Pipeline, s: Scenario) -> dict:
+    sync = torch.cuda.synchronize if pipe.nets.spec.device.type == "cuda" else (lambda: None)
+    if pipe.nets.spec.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    first = None
+    count = 0
+    for _pos, _frame in pipe.iter_frames(STORY, s.num_frames, num_inference_steps=s.steps, sampler=s.sampler,
+                                         mode=s.mode, frames_per_call=s.frames_per_call, depth=s.depth,
+                                         seed=0, progress=False):
+        if first is None:
+            first = time.perf_counter() - t0  # frames are uint8 on the host: the GPU work for them is done
+        count += 1
+    sync()
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if pipe.nets.spec.device.type == "cuda" else None
+    assert count == s.num_frames
+    return {"wall_s": wall, "first_frame_s": first, "peak_mem_gib": peak}
+
+
+def run_scenario(pipe: Pipeline, s: Scenario, per_item: dict[str, float], peak_tflops: float | None) -> dict:
+    run_once(pipe, replace(s, repeats=1))  # warm-up: compilation, graph capture, allocator
+    runs = [run_once(pipe, s) for _ in range(s.repeats)]
+    walls = sorted(r["wall_s"] for r in runs)
+    wall = statistics.median(walls)
+    flops = counted_flops(pipe, s, per_item) if per_item else None
+    plan = plan_for(pipe, s)
+    return {"scenario": s.name, **asdict(s), "calls": len(plan.calls),
+            "calls_per_level": [len(level) for level in plan.levels],
+            "wall_s_median": wall, "wall_s_min": walls[0], "wall_s_max": walls[-1], "repeats": s.repeats,
+            "gpu_seconds": wall if pipe.nets.spec.device.type == "cuda" else None,
+            "frames_per_s": s.num_frames / wall,
+            "first_frame_s_median": statistics.median(r["first_frame_s"] for r in runs),
+            "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
+            "flops_counted": flops, "achieved_tflops": flops / wall / 1e12 if flops else None,
+            "utilization": flops / wall / (peak_tflops * 1e12) if flops and peak_tflops else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", choices=SETS, default="cpu-smoke")
+    ap.add_argument("--backend", default="eager", help="torch mode: eager, compile or cudagraph")
+    ap.add_argument("--steps", type=int, default=None, help="override the scenarios' step count (default 50)")
+    ap.add_argument("--only", default=None, help="comma list of scenario names to run")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    scenarios = SETS[args.set]
+    if args.steps:
+        scenarios = [replace(s, steps=args.steps) for s in scenarios]
+    if args.only:
+        scenarios = [s for s in scenarios if s.name in args.only.split(",")]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in env.get("gpu", "")), None)
+    results = {"set": args.set, "backend": f"torch-{args.backend}", "weights": "random (seed 0)", "env": env,
+               "peak_tflops_assumed": peak, "scenarios": []}
+    pipes = {}
+    for s in scenarios:
+        key = (s.preset, s.resolution)
+        if key not in pipes:
+            pipes[key] = Pipeline.from_preset(s.preset, device=str(device), resolution=s.resolution,
+                                              mode=args.backend)
+        pipe = pipes[key]
+        per_item = flops_per_item(pipe, s.frames_per_call)
+        row = run_scenario(pipe, s, per_item, peak)
+        results["scenarios"].append(row)
+        print(json.dumps({k: row[k] for k in ("scenario", "wall_s_median", "first_frame_s_median",
+                                              "frames_per_s", "utilization")}), flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))  # after every scenario: nothing lost on failure
+
+
+if __name__ == "__main__":
+    main()
