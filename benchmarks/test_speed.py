@@ -1,0 +1,32 @@
+"""pytest-benchmark form of the speed scenarios (benchmarks/speed.py).
+
+    NUWAXL_BENCH_SET=table1-128 NUWAXL_BENCH_BACKEND=cudagraph pytest benchmarks/test_speed.py --benchmark-enable \
+        --benchmark-json=r.json
+Defaults to the CPU smoke set. Timing is recorded, never asserted.
+"""
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks.speed import SETS, run_once
+from nuwaxl.runtime.pipeline import Pipeline
+
+SET = os.environ.get("NUWAXL_BENCH_SET", "cpu-smoke")
+BACKEND = os.environ.get("NUWAXL_BENCH_BACKEND", "eager")
+PIPES: dict = {}
+
+
+@pytest.mark.parametrize("scenario", SETS[SET], ids=lambda s: s.name)
+def test_generation_speed(benchmark, scenario):
+    key = (scenario.preset, scenario.resolution)
+    if key not in PIPES:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        PIPES[key] = Pipeline.from_preset(scenario.preset, device=device, resolution=scenario.resolution,
+                                          mode=BACKEND)
+    pipe = PIPES[key]
+    run_once(pipe, replace(scenario, repeats=1))  # warm-up outside the timed rounds
+    result = benchmark.pedantic(run_once, args=(pipe, scenario), rounds=scenario.repeats, iterations=1)
+    benchmark.extra_info.update(result)

@@ -1,0 +1,29 @@
+"""CPU smoke run of the speed harness on the tiny preset: every recorded field is present and sane.
+(Speed itself is measured on the GPU machine and recorded in benchmarks/results, never asserted here.)"""
+
+import json
+
+from benchmarks.report_speed import main as report_main
+from benchmarks.speed import SETS, flops_per_item, run_scenario
+from nuwaxl.runtime.pipeline import Pipeline
+
+
+def test_cpu_smoke_scenarios_record_everything(tmp_path, monkeypatch):
+    pipe = Pipeline.from_preset("tiny", device="cpu")
+    per_item = flops_per_item(pipe, 16)
+    assert set(per_item) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"} and per_item["unet"] > 0
+    rows = [run_scenario(pipe, s, per_item, peak_tflops=None) for s in SETS["cpu-smoke"]]
+    for row in rows:
+        assert row["wall_s_min"] <= row["wall_s_median"] <= row["wall_s_max"]
+        assert 0 < row["first_frame_s_median"] <= row["wall_s_max"]
+        assert row["frames_per_s"] > 0 and row["flops_counted"] > 0 and row["calls"] >= 1
+    dod40 = next(r for r in rows if r["num_frames"] == 40 and r["mode"] == "dod")
+    assert dod40["calls_per_level"] == [1, 3]
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"set": "cpu-smoke", "backend": "torch-eager", "env": {"torch": "x", "cpu": "y",
+                                                                                          "git_sha": "z"},
+                                   "scenarios": rows}))
+    monkeypatch.setattr("sys.argv", ["report", str(results), str(tmp_path / "table")])
+    report_main()
+    table = (tmp_path / "table.md").read_text()
+    assert "| 40 |" in table and "AR over Diffusion" in table
