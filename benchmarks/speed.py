@@ -133,6 +133,16 @@ def run_once(pipe: Pipeline, s: Scenario) -> dict:
     return {"wall_s": wall, "first_frame_s": first, "peak_mem_gib": peak}
 
 
+def stage_profile(pipe: Pipeline, s: Scenario) -> dict[str, float]:
+    """One extra run with a device sync at every stage boundary: seconds per stage and level."""
+    timings: dict[str, float] = {}
+    for _ in pipe.run(pipe.prepare(STORY, s.num_frames, num_inference_steps=s.steps, sampler=s.sampler, mode=s.mode,
+                                   frames_per_call=s.frames_per_call, depth=s.depth), progress=False,
+                      timings=timings, profile=True):
+        pass
+    return {k: round(v, 4) for k, v in timings.items()}
+
+
 def run_scenario(pipe: Pipeline, s: Scenario, per_item: dict[str, float], peak_tflops: float | None) -> dict:
     # Warm-up (compilation, graph capture, allocator) on the same shapes: every AR window has one shape.
     run_once(pipe, replace(s, num_frames=min(s.num_frames, 2 * s.frames_per_call)) if s.mode == "ar" else s)
@@ -149,7 +159,8 @@ def run_scenario(pipe: Pipeline, s: Scenario, per_item: dict[str, float], peak_t
             "first_frame_s_median": statistics.median(r["first_frame_s"] for r in runs),
             "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
             "flops_counted": flops, "achieved_tflops": flops / wall / 1e12 if flops else None,
-            "utilization": flops / wall / (peak_tflops * 1e12) if flops and peak_tflops else None}
+            "utilization": flops / wall / (peak_tflops * 1e12) if flops and peak_tflops else None,
+            "stage_profile_s": stage_profile(pipe, s) if s.mode == "dod" else None}
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ All calls of a batch share the timestep sequence, so each denoising step is one 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,10 +42,22 @@ class PromptBank:
 
 
 class Executor:
-    def __init__(self, nets: EngineNetworks, schedule: NoiseSchedule, options: SamplingOptions):
+    def __init__(self, nets: EngineNetworks, schedule: NoiseSchedule, options: SamplingOptions,
+                 profile: dict[str, float] | None = None):
         self.nets = nets
         self.schedule = schedule
         self.options = options
+        self.profile = profile  # if given: seconds per stage and level, with a device sync at each boundary
+
+    def _mark(self, stage: str, level: int, since: float) -> float:
+        if self.profile is None:
+            return since
+        if self.nets.spec.device.type == "cuda":
+            torch.cuda.synchronize(self.nets.spec.device)
+        now = time.perf_counter()
+        key = f"level{level}_{stage}_s"
+        self.profile[key] = self.profile.get(key, 0.0) + now - since
+        return now
 
     def _chunked(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         n = self.options.vae_batch
@@ -68,7 +81,9 @@ class Executor:
         """Sample and decode a batch of calls: returns (B, L, 3, H, W) float32 pixels in [-1, 1]."""
         spec, opt = self.nets.spec, self.options
         B, L = len(calls), len(calls[0].positions)
+        level, t = calls[0].level, time.perf_counter()
         cond, mask = self.conditions(calls, frames)
+        t = self._mark("encode_conditions", level, t)
         # CPU generators: the same seed gives the same noise on every device (as diffusers does).
         gens = [torch.Generator().manual_seed(c.seed) for c in calls]
 
@@ -93,8 +108,11 @@ class Executor:
         x_T = draw()
         noise = (lambda i: draw()) if needs_noise(opt.sampler, opt.eta) else None
         x0 = sample(denoise, x_T, self.schedule, opt.num_inference_steps, opt.sampler, noise, opt.eta, on_step)
+        t = self._mark("sample", level, t)
         if not torch.isfinite(x0).all():  # one sync per batch; fp16 overflow shows up as NaN -> black frames
             raise FloatingPointError(
                 f"non-finite latents in level {calls[0].level} (calls {[c.index for c in calls][:8]}) at "
                 f"{str(spec.dtype).removeprefix('torch.')}; rerun with --precision fp32 (or bf16) to avoid overflow")
-        return self._chunked(self.nets.decode_latents, x0.to(spec.dtype)).float().clamp(-1.0, 1.0)
+        pixels = self._chunked(self.nets.decode_latents, x0.to(spec.dtype)).float().clamp(-1.0, 1.0)
+        self._mark("decode", level, t)
+        return pixels

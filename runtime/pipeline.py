@@ -133,14 +133,15 @@ class Pipeline:
             out[pos] = frame
         return VideoOutput(out, request.plan, timings)
 
-    def run(self, req: Request, progress: bool = True, timings: dict | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def run(self, req: Request, progress: bool = True, timings: dict | None = None,
+            profile: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """Execute a prepared request, yielding frames in temporal order as they become final."""
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
         bank = PromptBank(self.nets, req.per_frame)
         timings["encode_prompts_s"] = time.perf_counter() - t0
         scheduler = LevelScheduler(req.plan, req.max_batch)
-        executor = Executor(self.nets, self.schedule, req.options)
+        executor = Executor(self.nets, self.schedule, req.options, profile=timings if profile else None)
         steps = req.options.num_inference_steps
         total = sum(math.ceil(len(level) / req.max_batch) for level in req.plan.levels) * steps
         frames: dict[int, torch.Tensor] = {}  # position -> (3, H, W) pixels, kept while still needed

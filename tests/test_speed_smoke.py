@@ -19,6 +19,7 @@ def test_cpu_smoke_scenarios_record_everything(tmp_path, monkeypatch):
         assert row["frames_per_s"] > 0 and row["flops_counted"] > 0 and row["calls"] >= 1
     dod40 = next(r for r in rows if r["num_frames"] == 40 and r["mode"] == "dod")
     assert dod40["calls_per_level"] == [1, 3]
+    assert {"level1_sample_s", "level2_encode_conditions_s", "level2_decode_s"} <= set(dod40["stage_profile_s"])
     results = tmp_path / "r.json"
     results.write_text(json.dumps({"set": "cpu-smoke", "backend": "torch-eager", "env": {"torch": "x", "cpu": "y",
                                                                                           "git_sha": "z"},
