@@ -78,6 +78,9 @@ def add_generate(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     p.add_argument("--max-batch", type=positive_int, default=None, help="calls per batched model call "
                    "(default: a whole level)")
+    p.add_argument("--order", choices=("level", "depth"), default="level",
+                   help="level: whole levels in few large batches (throughput); depth: the first frames' subtree "
+                        "first, streaming frames in temporal order (latency; use with --max-batch)")
     p.add_argument("--fps", type=positive_int, default=8)
     p.add_argument("--sheet", default=None, help="PNG of the keyframe tree (default: OUT with _tree.png; "
                    "'none' to skip)")
@@ -120,7 +123,7 @@ def cmd_generate(args) -> None:
     # Everything about the request is checked before any weights are built or loaded.
     request = prepare(config, prompts, args.frames, num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
                       frames_per_call=frames_per_call, depth=args.depth, guidance_scale=args.guidance,
-                      sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch)
+                      sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch, order=args.order)
     resolve_device(args.device)
     kw = dict(device=args.device, precision=args.precision, resolution=args.resolution,
               mode=args.torch_mode or "eager")

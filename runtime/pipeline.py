@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from nuwaxl.engine.directory import load_engines
 from nuwaxl.errors import UserError
 from nuwaxl.runtime.executor import Executor, PromptBank, SamplingOptions
 from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
-from nuwaxl.runtime.scheduler import LevelScheduler
+from nuwaxl.runtime.scheduler import Order, Scheduler, count_batches
 
 
 @dataclass(frozen=True)
@@ -28,6 +27,7 @@ class Request:
     per_frame: list[str]  # one prompt per final frame
     options: SamplingOptions
     max_batch: int  # calls per batched model call
+    order: Order = "level"  # "level": throughput; "depth": first frames first (low latency)
 
 
 @dataclass
@@ -54,7 +54,7 @@ def plan(num_frames: int, frames_per_call: int, mode: Mode = "dod", depth: int |
 def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_inference_steps: int = 25,
             seed: int = 0, mode: Mode = "dod", frames_per_call: int | None = None, depth: int | None = None,
             guidance_scale: float = 1.0, sampler: str = "ddim", eta: float = 0.0, ar_context: int = 1,
-            max_batch: int | None = None, vae_batch: int = 4) -> Request:
+            max_batch: int | None = None, vae_batch: int = 4, order: Order = "level") -> Request:
     """Validate a request against a model config and plan its calls, before any model work."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not all(isinstance(p, str) for p in prompts):
@@ -70,11 +70,13 @@ def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_
         raise UserError(f"max_batch={max_batch} must be at least 1 (or None for a whole level)")
     if vae_batch < 1:
         raise UserError(f"vae_batch={vae_batch} must be at least 1")
+    if order not in ("level", "depth"):
+        raise UserError(f"unknown order {order!r}; use 'level' (throughput) or 'depth' (first frames first)")
     per_frame = frame_prompts(prompts, num_frames)
     the_plan = plan(num_frames, frames_per_call or config.frames_per_call, mode, depth, ar_context, seed)
     cap = max_batch or max(len(level) for level in the_plan.levels)
     return Request(the_plan, per_frame, SamplingOptions(num_inference_steps, sampler, eta, guidance_scale, vae_batch),
-                   cap)
+                   cap, order)
 
 
 class Pipeline:
@@ -140,10 +142,10 @@ class Pipeline:
         t0 = time.perf_counter()
         bank = PromptBank(self.nets, req.per_frame)
         timings["encode_prompts_s"] = time.perf_counter() - t0
-        scheduler = LevelScheduler(req.plan, req.max_batch)
+        scheduler = Scheduler(req.plan, req.max_batch, req.order)
         executor = Executor(self.nets, self.schedule, req.options, profile=timings if profile else None)
         steps = req.options.num_inference_steps
-        total = sum(math.ceil(len(level) / req.max_batch) for level in req.plan.levels) * steps
+        total = count_batches(req.plan, req.max_batch, req.order) * steps
         frames: dict[int, torch.Tensor] = {}  # position -> (3, H, W) pixels, kept while still needed
         bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress, leave=False)
         try:

@@ -112,3 +112,12 @@ def test_non_finite_output_is_reported_with_a_fix(tiny_pipe, monkeypatch):
     monkeypatch.setattr(tiny_pipe.nets, "denoise", lambda x, *a: torch.full_like(x, float("nan")))
     with pytest.raises(FloatingPointError, match="non-finite latents in level 1 .* --precision fp32"):
         tiny_pipe(STORY, **KW)
+
+
+def test_depth_first_order_gives_the_same_video(tiny_pipe):
+    """Order changes only when frames arrive: per-call seeds make the video identical (up to batch rounding)."""
+    level = tiny_pipe(STORY, **{**KW, "num_frames": 50, "depth": 2})
+    depth = tiny_pipe(STORY, **{**KW, "num_frames": 50, "depth": 2, "order": "depth", "max_batch": 2})
+    assert np.abs(level.frames.astype(int) - depth.frames.astype(int)).max() <= 1
+    with pytest.raises(UserError, match="unknown order 'bfs'"):
+        tiny_pipe.prepare(STORY, 50, order="bfs")

@@ -15,7 +15,7 @@ from nuwaxl.runtime.planner import (
     plan_ar,
     plan_dod,
 )
-from nuwaxl.runtime.scheduler import LevelScheduler
+from nuwaxl.runtime.scheduler import Scheduler, count_batches
 
 
 def check_plan(plan):
@@ -114,23 +114,26 @@ def test_call_seeds_are_stable_and_distinct():
     assert plan_dod(226, 16, 2, seed=7).levels[1][4].seed == call_seed(7, 2, 4)
 
 
-def run_fake(plan, max_batch):
-    """Drive the scheduler with a fake executor; returns batches and emitted frame order."""
-    sched = LevelScheduler(plan, max_batch)
-    batches, emitted = [], []
+def run_fake(plan, max_batch, order="level"):
+    """Drive the scheduler with a fake executor; returns batches and, per batch, the frames it made emittable."""
+    sched = Scheduler(plan, max_batch, order)
+    batches, emitted, per_batch = [], [], []
     while (batch := sched.next_batch()) is not None:
-        assert len(batch.calls) <= max_batch and all(c.level == batch.level for c in batch.calls)
+        assert len(batch.calls) <= max_batch
+        if order == "level":
+            assert all(c.level == batch.level for c in batch.calls)
         assert all(p in sched.final for c in batch.calls for p in c.cond_positions)
         batches.append(batch)
-        emitted += sched.complete(batch)
-    assert sched.done()
-    return batches, emitted
+        per_batch.append(sched.complete(batch))
+        emitted += per_batch[-1]
+    assert sched.done() and len(batches) == count_batches(plan, max_batch, order)
+    return batches, emitted, per_batch
 
 
 @pytest.mark.parametrize("max_batch", [1, 4, 1000])
 def test_level_scheduler_batches_levels_and_emits_in_order(max_batch):
     plan = plan_dod(1024, 16, 3)
-    batches, emitted = run_fake(plan, max_batch)
+    batches, emitted, _ = run_fake(plan, max_batch)
     assert emitted == list(range(1024))
     assert [b.level for b in batches] == sorted(b.level for b in batches)  # level by level
     assert [c for b in batches for c in b.calls] == plan.calls  # every call once, coarse to fine
@@ -139,13 +142,13 @@ def test_level_scheduler_batches_levels_and_emits_in_order(max_batch):
 
 
 def test_ar_scheduler_runs_windows_in_sequence():
-    batches, emitted = run_fake(plan_ar(100, 16), max_batch=8)
+    batches, emitted, _ = run_fake(plan_ar(100, 16), max_batch=8)
     assert all(len(b.calls) == 1 for b in batches) and emitted == list(range(100))
 
 
 def test_scheduler_rejects_a_frame_made_twice():
     plan = plan_dod(40, 8, 2)
-    sched = LevelScheduler(plan, 8)
+    sched = Scheduler(plan, 8)
     batch = sched.next_batch()
     sched.complete(batch)
     with pytest.raises(RuntimeError, match="generated twice"):
@@ -156,3 +159,26 @@ def test_planner_and_scheduler_do_not_import_torch():
     code = ("import sys, nuwaxl.runtime.planner, nuwaxl.runtime.scheduler; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def calls_until_frame(batches, per_batch, frame: int) -> int:
+    done = 0
+    for batch, emitted in zip(batches, per_batch, strict=True):
+        done += len(batch.calls)
+        if frame in emitted:
+            return done
+    raise AssertionError(f"frame {frame} never emitted")
+
+
+# Calls run before frames 0..15 of a 1024-frame video are final. Depth-first with max_batch 1: global, level-2 #0,
+# level-3 #0. Level order must first finish level 2 (5 calls). With max_batch 16 both take a whole level-2 batch.
+@pytest.mark.parametrize("max_batch,depth_calls,level_calls", [(1, 3, 7), (4, 9, 10), (16, 22, 22)])
+def test_depth_first_order_streams_the_first_frames_first(max_batch, depth_calls, level_calls):
+    plan = plan_dod(1024, 16, 3)
+    batches, emitted, per_batch = run_fake(plan, max_batch, order="depth")
+    assert emitted == list(range(1024))
+    assert sorted((c.level, c.index) for b in batches for c in b.calls) == sorted(
+        (c.level, c.index) for c in plan.calls)  # every call exactly once
+    assert calls_until_frame(batches, per_batch, 15) == depth_calls
+    level_batches, _, level_per_batch = run_fake(plan, max_batch, order="level")
+    assert calls_until_frame(level_batches, level_per_batch, 15) == level_calls
