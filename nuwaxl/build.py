@@ -32,7 +32,7 @@ from nuwaxl.export.onnx_export import (
 )
 from nuwaxl.files import atomic_output, write_text
 from nuwaxl.iospec import NETWORKS, IOSpec, io_specs
-from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
+from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, read_config, save_checkpoint
 from nuwaxl.models.networks import networks
 
 
@@ -81,7 +81,7 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
     dev = resolve_device(device)
     if backend == "torch" and precision == "fp16" and dev.type == "cpu":
         raise UserError("fp16 AOTInductor packages need a CUDA device; use --precision fp32 or --device cuda")
-    config = load_checkpoint(checkpoint).config if checkpoint else preset(preset_name or "small")
+    config = read_config(checkpoint) if checkpoint else preset(preset_name or "small")
     if resolution:
         config = config.with_resolution(resolution)
     L = frames_per_call or config.frames_per_call
@@ -95,13 +95,17 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
     bar = tqdm(total=1 + len(only), desc=f"build {backend} {precision}", unit="stage", disable=not progress)
 
     t0 = time.perf_counter()
-    models = load_checkpoint(checkpoint) if checkpoint else NuwaModels.random(config, seed=0, device=init_device)
+    # The directory's checkpoint is the one source of the weights every stage exports from.
     ckpt = out / "checkpoint.safetensors"
     if checkpoint:
         if Path(checkpoint).resolve() != ckpt.resolve():
             with atomic_output(ckpt) as tmp:
                 shutil.copyfile(checkpoint, tmp)
-    elif force or not ckpt.is_file() or load_checkpoint(ckpt).config != models.config:
+        models = load_checkpoint(ckpt)
+    elif not force and ckpt.is_file() and read_config(ckpt) == preset(preset_name or "small"):
+        models = load_checkpoint(ckpt)  # random weights saved by an earlier build of this preset
+    else:
+        models = NuwaModels.random(preset(preset_name or "small"), seed=0, device=init_device)
         save_checkpoint(models, ckpt)
     ckpt_sha = sha256_file(ckpt)
     write_text(out / "tokenizer.json", models.tokenizer.json)
