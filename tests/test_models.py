@@ -157,3 +157,17 @@ def test_config_errors_name_value_and_fix():
         TINY.with_resolution(36)
     with pytest.raises(UserError, match="norm_groups"):
         dataclasses.replace(TINY, vae=VAEConfig(channels=(8, 12), norm_groups=8))
+
+
+def test_temporal_conv_equals_a_3d_convolution_over_frames():
+    """TemporalConv runs as a (k,1) 2-D convolution for speed; it must compute the (k,1,1) 3-D one (Eq. 1 layer)."""
+    from nuwaxl.models.layers import TemporalConv
+
+    torch.manual_seed(0)
+    layer = TemporalConv(8)
+    torch.nn.init.normal_(layer.conv.weight)
+    torch.nn.init.normal_(layer.conv.bias)
+    x = torch.randn(2 * 5, 8, 3, 4)  # (B*L, C, H, W) with B=2, L=5
+    x5 = x.reshape(2, 5, 8, 3, 4).transpose(1, 2)  # (B, C, L, H, W)
+    ref = torch.nn.functional.conv3d(x5, layer.conv.weight, layer.conv.bias, padding=(1, 0, 0))
+    torch.testing.assert_close(layer(x, 5), ref.transpose(1, 2).reshape(10, 8, 3, 4), atol=1e-5, rtol=1e-5)
