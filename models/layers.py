@@ -28,12 +28,8 @@ class TemporalConv(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         bl, c, h, w = x.shape
-        # Run it as a (k, 1) 2-D convolution over (L, H*W): the same weights and result as the (k, 1, 1) 3-D one,
-        # which cuDNN ran at 31% of a paper-UNet step (benchmarks/results/unet-profile-paper-b69-*.txt).
-        x4 = x.reshape(bl // num_frames, num_frames, c, h * w).transpose(1, 2)  # (B, C, L, HW)
-        weight = self.conv.weight.squeeze(-1)  # (C, C, k, 1)
-        y = F.conv2d(x4, weight, self.conv.bias, padding=(self.conv.padding[0], 0))
-        return y.transpose(1, 2).reshape(bl, c, h, w)
+        x5 = x.reshape(bl // num_frames, num_frames, c, h, w).transpose(1, 2)  # (B, C, L, H, W)
+        return self.conv(x5).transpose(1, 2).reshape(bl, c, h, w)
 
 
 class STConv(nn.Module):
