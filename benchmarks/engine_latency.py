@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from nuwaxl.config import preset
-from nuwaxl.engine.torch_backend import AotiEngine, CudaGraphEngine, TorchEngine
+from nuwaxl.engine.torch_backend import AotiEngine, CudaGraphEngine, TorchEngine, channels_last_convs
 from nuwaxl.export.onnx_export import sample_inputs
 from nuwaxl.iospec import io_specs
 from nuwaxl.models.checkpoint import NuwaModels
@@ -87,17 +87,10 @@ def main() -> None:
                "frames_per_call": cfg.frames_per_call, "resolution": cfg.resolution, "env": environment(),
                "setup_s": round(setup_s, 1), "scenarios": []}
 
-    def channels_last(module):
-        """2-D conv weights in NHWC (the temporal Conv3d stays as it is): cuDNN's preferred fp16 layout."""
-        for m in module.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
-        return module
-
     def engine_for(backend):
         if backend.endswith("-cl"):  # the same backend with channels-last convolution weights
             base = backend.removesuffix("-cl")
-            module = channels_last(networks(NuwaModels.random(cfg, seed=0, device="cuda").half())[args.network])
+            module = channels_last_convs(networks(NuwaModels.random(cfg, seed=0, device="cuda").half())[args.network])
             if base == "cudagraph":
                 return CudaGraphEngine(module, spec), {}
             return TorchEngine(module, spec, "compile" if base == "compile" else "eager"), {}
