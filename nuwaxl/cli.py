@@ -93,6 +93,7 @@ def cmd_generate(args) -> None:
     from nuwaxl.engine.directory import read_manifest
     from nuwaxl.engine.torch_backend import resolve_device
     from nuwaxl.models.checkpoint import read_config
+    from nuwaxl.runtime.distributed import init_from_env, world
     from nuwaxl.runtime.pipeline import Pipeline, prepare
     from nuwaxl.runtime.video import check_writable, sheet_rows, tree_sheet, write_mp4, write_png
 
@@ -124,6 +125,8 @@ def cmd_generate(args) -> None:
     request = prepare(config, prompts, args.frames, num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
                       frames_per_call=frames_per_call, depth=args.depth, guidance_scale=args.guidance,
                       sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch, order=args.order)
+    args.device = init_from_env(args.device)  # under torchrun: join the group, one GPU per rank
+    rank, _ = world()
     resolve_device(args.device)
     kw = dict(device=args.device, precision=args.precision, resolution=args.resolution,
               mode=args.torch_mode or "eager")
@@ -133,10 +136,15 @@ def cmd_generate(args) -> None:
     elif checkpoint:
         pipe = Pipeline.from_pretrained(checkpoint, **kw)
     else:
-        print(f"note: random weights of preset '{config.name}' (no trained weights bundled), so the video is "
-              "noise-like", file=sys.stderr)
+        if rank == 0:
+            print(f"note: random weights of preset '{config.name}' (no trained weights bundled), so the video is "
+                  "noise-like", file=sys.stderr)
         pipe = Pipeline.from_preset(config.name, **kw)
     plan = request.plan
+    if rank != 0:  # other ranks compute their share of every batch; rank 0 writes the outputs
+        for _ in pipe.run(request, progress=False):
+            pass
+        return
     print(f"{args.frames} frames, mode {plan.mode}, L={plan.frames_per_call}, depth {plan.depth}, "
           f"calls per level {[len(level) for level in plan.levels]}, {args.steps} {args.sampler} steps, "
           f"{pipe.nets.spec.backend} on {pipe.nets.spec.device} {str(pipe.nets.spec.dtype).removeprefix('torch.')}",

@@ -16,6 +16,7 @@ from nuwaxl.engine import torch_backend
 from nuwaxl.engine.base import EngineNetworks
 from nuwaxl.engine.directory import load_engines
 from nuwaxl.errors import UserError
+from nuwaxl.runtime.distributed import all_gather_rows, shard, world
 from nuwaxl.runtime.executor import Executor, PromptBank, SamplingOptions
 from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
 from nuwaxl.runtime.scheduler import Order, Scheduler, count_batches
@@ -147,18 +148,31 @@ class Pipeline:
         steps = req.options.num_inference_steps
         total = count_batches(req.plan, req.max_batch, req.order) * steps
         frames: dict[int, torch.Tensor] = {}  # position -> (3, H, W) pixels, kept while still needed
-        bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress, leave=False)
+        bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress or world()[0] != 0, leave=False)
         try:
+            rank, size = world()
             while (batch := scheduler.next_batch()) is not None:
                 bar.set_postfix(level=batch.level, calls=len(batch.calls))
-                context = bank.context([call_prompts(c, req.per_frame) for c in batch.calls])
-                pixels = executor.run(batch.calls, context, bank.empty, frames, on_step=lambda i: bar.update())
+                part = shard(len(batch.calls), rank, size)  # this rank's calls (all of them on one process)
+                mine = batch.calls[part.start: part.stop]
+                pixels = None
+                if mine:  # a rank with no share of a small batch still joins the all-gather
+                    context = bank.context([call_prompts(c, req.per_frame) for c in mine])
+                    pixels = executor.run(mine, context, bank.empty, frames, on_step=lambda i: bar.update())
+                elif size > 1:
+                    bar.update(req.options.num_inference_steps)
+                if size > 1:
+                    res = self.config.resolution
+                    local = pixels if pixels is not None else torch.empty(
+                        0, len(batch.calls[0].positions), 3, res, res, device=self.nets.spec.device)
+                    pixels = all_gather_rows(local, len(batch.calls))
                 for b, call in enumerate(batch.calls):
                     for slot in call.gen_slots:
                         frames[call.positions[slot]] = pixels[b, slot]
                 ready = scheduler.complete(batch)
-                for pos in ready:
-                    yield pos, to_uint8(frames[pos])
+                if rank == 0:  # one process emits (and writes) the video
+                    for pos in ready:
+                        yield pos, to_uint8(frames[pos])
                 keep = scheduler.needed_later()
                 for pos in [p for p in frames if p < scheduler.emitted and p not in keep]:
                     del frames[pos]

@@ -1,0 +1,53 @@
+"""Data parallelism over the calls of each batch (torch.distributed; launched with torchrun).
+
+Every rank runs a contiguous shard of a batch's calls, then all ranks all-gather the decoded frames, because
+the next level's calls take them as visual conditions. Per-call seeds make the video identical to a one-process
+run. Rank 0 emits frames and writes outputs. NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialized process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env(device: str | None) -> str | None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    cuda = torch.cuda.is_available() and device not in ("cpu",)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
+
+
+def shard(n: int, rank: int, size: int) -> range:
+    """Contiguous share of n items for `rank` (the first n % size ranks get one more)."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def all_gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Concatenate every rank's rows (shards of `n` rows, in rank order) on every rank."""
+    rank, size = world()
+    if size == 1:
+        return local
+    most = len(shard(n, 0, size))
+    padded = torch.zeros((most, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([parts[r][: len(shard(n, r, size))] for r in range(size)])
