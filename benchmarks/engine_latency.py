@@ -5,6 +5,9 @@ eager PyTorch reference on the same fresh random inputs (relative error: max|out
 ONNX and AOTInductor engines are produced by the project's own `build()` (with its own parity manifests).
 
     python benchmarks/engine_latency.py --preset paper --backends eager,cudagraph,compile --batches 1,69 --out r.json
+
+Torch backends named `MODE-step` (e.g. `compile-cudagraph-step`, channels-last weights as the runtime uses them)
+time what the runtime runs per denoising step: the UNet bound to its fixed inputs (`prepare` once, then `step`).
 """
 
 from __future__ import annotations
@@ -88,6 +91,12 @@ def main() -> None:
                "setup_s": round(setup_s, 1), "scenarios": []}
 
     def engine_for(backend):
+        if backend.endswith("-step"):  # the runtime's per-step path
+            mode = backend.removesuffix("-step")
+            module = channels_last_convs(networks(NuwaModels.random(cfg, seed=0, device="cuda").half())[args.network])
+            if mode.endswith("cudagraph"):
+                return CudaGraphEngine(module, spec, compile=mode == "compile-cudagraph"), {"per_step": True}
+            return TorchEngine(module, spec, mode), {"per_step": True}
         if backend.endswith("-cl"):  # the same backend with channels-last convolution weights
             base = backend.removesuffix("-cl")
             module = channels_last_convs(networks(NuwaModels.random(cfg, seed=0, device="cuda").half())[args.network])
@@ -132,13 +141,18 @@ def main() -> None:
             feeds = sample_inputs(spec, b, dev, torch.float16, cfg.text.vocab_size, torch.Generator().manual_seed(b))
             torch.cuda.reset_peak_memory_stats()
             t1 = time.perf_counter()
-            out = engine.run(feeds)[spec.outputs[0].name]
+            if info.get("per_step"):
+                step = engine.bind({k: feeds[k] for k in ("context", "cond", "mask")})
+                call = lambda s=step, f=feeds: s(f["x_t"], f["timesteps"])  # noqa: E731
+            else:
+                call = lambda e=engine, f=feeds: e.run(f)[spec.outputs[0].name]  # noqa: E731
+            out = call()
             torch.cuda.synchronize()
             first_s = time.perf_counter() - t1
             with torch.inference_mode():
                 ref = reference(*(x.float() if x.is_floating_point() else x for x in feeds.values()))
             rel = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-            timing = cuda_time(lambda e=engine, f=feeds: e.run(f), args.iters, warmup=3)
+            timing = cuda_time(call, args.iters, warmup=3)
             row = {"backend": backend, "batch": b, "first_call_s": round(first_s, 2), "rel_err_vs_fp32": rel,
                    "finite": bool(torch.isfinite(out).all()), **timing,
                    "per_call_ms": timing["median_ms"] / b, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,

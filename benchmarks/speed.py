@@ -1,13 +1,15 @@
 """End-to-end speed scenarios: diffusion over diffusion (DoD) against autoregressive over diffusion (AR, FDM*),
 on the same backend, sampler and step count. Random weights: speed does not depend on weight values.
 
-    python benchmarks/speed.py --set table1-128 --backend cudagraph --out r.json      # on a GPU
-    python benchmarks/speed.py --set cpu-smoke --out r.json                           # anywhere
-    pytest benchmarks/test_speed.py --benchmark-enable                                # pytest-benchmark form
+    python benchmarks/speed.py --set table1-128 --backend compile-cudagraph --out r.json      # on a GPU
+    torchrun --nproc-per-node 4 benchmarks/speed.py --set multi-128 --backend compile-cudagraph --out r4.json
+    python benchmarks/speed.py --set cpu-smoke --out r.json                                   # anywhere
+    pytest benchmarks/test_speed.py --benchmark-enable                                        # pytest-benchmark form
 
 Per scenario: wall time (median and spread over repeats, warm-up excluded), GPU-seconds, frames/s, time to first
-frame, peak memory, and utilization = FLOPs counted (torch's FlopCounterMode on each network, scaled by the calls
-made) / wall time / peak FLOP rate.
+frame, peak memory, and utilization = model FLOPs (torch's FlopCounterMode on each whole network, scaled by the calls
+and steps made; the UNet's once-per-call part is counted at every step, as the model defines the work) / wall time /
+(peak FLOP rate x GPUs).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from nuwaxl.iospec import io_specs
+from nuwaxl.runtime.distributed import init_from_env, world
 from nuwaxl.runtime.pipeline import Pipeline
 
 PEAK_TFLOPS = {"H200": 790.0, "H100": 798.0}  # dense fp16/bf16 matmul, measured here (FACTS.md)
@@ -61,6 +64,10 @@ SETS = {
     "table1-256": table1(256),
     "latency-128": [Scenario("paper", 128, 1024, "dod", order=o, max_batch=b, repeats=2)
                     for o, b in (("level", None), ("depth", 16), ("depth", 4))],  # repeats=2: warm-up + 2 + profile
+    # Several GPUs (torchrun): DoD only. AR cannot use them (each window waits for the last), so its reference is
+    # the one-GPU run of the same backend.
+    "multi-128": [Scenario("paper", 128, n, "dod") for n in (256, 1024)],
+    "multi-256": [Scenario("paper", 256, n, "dod") for n in (256, 1024)],
 }
 STORY = ["a red caveman walks out of his stone house", "a blue dinosaur runs across the yard",
          "the sun sets behind the volcano", "they sit by the fire at night"]
@@ -76,7 +83,7 @@ def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
            "git_sha": os.environ.get("NUWAXL_GIT_SHA") or run(["git", "rev-parse", "--verify", "HEAD"]) or "unknown"}
     if device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda, gpus=1,
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda, gpus=world()[1],
                    driver=run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
     else:
         env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
@@ -122,14 +129,17 @@ def counted_flops(pipe: Pipeline, s: Scenario, per_item: dict[str, float]) -> fl
 
 
 def run_once(pipe: Pipeline, s: Scenario) -> dict:
-    sync = torch.cuda.synchronize if pipe.nets.spec.device.type == "cuda" else (lambda: None)
-    if pipe.nets.spec.device.type == "cuda":
+    cuda = pipe.nets.spec.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(pipe.nets.spec.device)) if cuda else (lambda: None)
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync()
+    if world()[1] > 1:  # every rank starts together
+        torch.distributed.barrier()
     t0 = time.perf_counter()
     first = first_segment = None
     count = 0
-    for pos, _frame in pipe.run(request_for(pipe, s), progress=False):
+    for pos, _frame in pipe.run(request_for(pipe, s), progress=False):  # rank 0 gets the frames
         if first is None:
             first = time.perf_counter() - t0  # frames are uint8 on the host: the GPU work for them is done
         if pos == min(s.num_frames, s.frames_per_call) - 1:
@@ -137,8 +147,8 @@ def run_once(pipe: Pipeline, s: Scenario) -> dict:
         count += 1
     sync()
     wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if pipe.nets.spec.device.type == "cuda" else None
-    assert count == s.num_frames
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    assert count == (s.num_frames if world()[0] == 0 else 0)
     return {"wall_s": wall, "first_frame_s": first, "first_segment_s": first_segment, "peak_mem_gib": peak}
 
 
@@ -148,6 +158,11 @@ def stage_profile(pipe: Pipeline, s: Scenario) -> dict[str, float]:
     for _ in pipe.run(request_for(pipe, s), progress=False, timings=timings, profile=True):
         pass
     return {k: round(v, 4) for k, v in timings.items()}
+
+
+def median_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]  # ranks other than 0 see no frames
+    return statistics.median(values) if values else None
 
 
 def run_scenario(pipe: Pipeline, s: Scenario, per_item: dict[str, float], peak_tflops: float | None) -> dict:
@@ -161,20 +176,21 @@ def run_scenario(pipe: Pipeline, s: Scenario, per_item: dict[str, float], peak_t
     return {"scenario": s.name, **asdict(s), "calls": len(plan.calls),
             "calls_per_level": [len(level) for level in plan.levels],
             "wall_s_median": wall, "wall_s_min": walls[0], "wall_s_max": walls[-1], "repeats": s.repeats,
-            "gpu_seconds": wall if pipe.nets.spec.device.type == "cuda" else None,
+            "gpus": world()[1], "gpu_seconds": wall * world()[1] if pipe.nets.spec.device.type == "cuda" else None,
             "frames_per_s": s.num_frames / wall,
-            "first_frame_s_median": statistics.median(r["first_frame_s"] for r in runs),
-            "first_segment_s_median": statistics.median(r["first_segment_s"] for r in runs),
+            "first_frame_s_median": median_or_none(r["first_frame_s"] for r in runs),
+            "first_segment_s_median": median_or_none(r["first_segment_s"] for r in runs),
             "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
             "flops_counted": flops, "achieved_tflops": flops / wall / 1e12 if flops else None,
-            "utilization": flops / wall / (peak_tflops * 1e12) if flops and peak_tflops else None,
+            "utilization": flops / wall / (peak_tflops * 1e12 * world()[1]) if flops and peak_tflops else None,
             "stage_profile_s": stage_profile(pipe, s) if s.mode == "dod" else None}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", choices=SETS, default="cpu-smoke")
-    ap.add_argument("--backend", default="eager", help="torch mode: eager, compile or cudagraph")
+    ap.add_argument("--backend", default="eager",
+                    help="torch mode: eager, compile, cudagraph or compile-cudagraph")
     ap.add_argument("--steps", type=int, default=None, help="override the scenarios' step count (default 50)")
     ap.add_argument("--only", default=None, help="comma list of scenario names to run")
     ap.add_argument("--out", required=True)
@@ -184,7 +200,8 @@ def main() -> None:
         scenarios = [replace(s, steps=args.steps) for s in scenarios]
     if args.only:
         scenarios = [s for s in scenarios if s.name in args.only.split(",")]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(init_from_env("cuda" if torch.cuda.is_available() else "cpu"))  # torchrun: one GPU each
+    rank = world()[0]
     env = environment(device)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in env.get("gpu", "")), None)
     results = {"set": args.set, "backend": f"torch-{args.backend}", "weights": "random (seed 0)", "env": env,
@@ -199,9 +216,11 @@ def main() -> None:
         per_item = flops_per_item(pipe, s.frames_per_call)
         row = run_scenario(pipe, s, per_item, peak)
         results["scenarios"].append(row)
-        print(json.dumps({k: row[k] for k in ("scenario", "wall_s_median", "first_frame_s_median",
-                                              "first_segment_s_median", "frames_per_s", "utilization")}), flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))  # after every scenario: nothing lost on failure
+        if rank == 0:
+            print(json.dumps({k: row[k] for k in ("scenario", "gpus", "wall_s_median", "first_frame_s_median",
+                                                  "first_segment_s_median", "frames_per_s", "peak_mem_gib",
+                                                  "utilization")}), flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))  # after every scenario: nothing lost
 
 
 if __name__ == "__main__":

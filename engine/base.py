@@ -8,6 +8,7 @@ All tensors are torch tensors on `device`; layout (B, L, C, H, W); pixels in [-1
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +67,24 @@ class EngineNetworks:
         """eps_theta(x_t, p, t, x0^c, x0^m): (B, L, c, h, w), (B,), (B, L, l_p, d_p), (B, L, c, h, w),
         (B, L, 1, h, w) -> (B, L, c, h, w)."""
         return self._run("unet", {"x_t": x_t, "timesteps": t, "context": context, "cond": cond, "mask": mask})
+
+    def denoiser(self, context, cond, mask) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """eps(x_t, t) for a batch of calls whose prompts and conditions stay fixed while they are sampled.
+        Engines with a `bind` (live PyTorch modules) compute the step-invariant part once here (condition
+        injection, prompt keys and values); others run the whole network at every step."""
+        engine = self.engines["unet"]
+        bind = getattr(engine, "bind", None)
+        if bind is not None and (engine.spec is None or cond.shape[0] <= engine.spec.batch_max):
+            fn = bind({"context": context, "cond": cond, "mask": mask})
+            if fn is not None:
+                return fn
+        return lambda x_t, t: self.denoise(x_t, t, context, cond, mask)
+
+    def release(self) -> None:
+        """Free per-shape caches (CUDA graphs) after an out-of-memory error, before retrying smaller batches."""
+        for engine in self.engines.values():
+            if hasattr(engine, "release"):
+                engine.release()
 
     def encode_frames(self, video: torch.Tensor) -> torch.Tensor:
         """(B, L, 3, H, W) pixels -> (B, L, c, h, w) scaled latents (posterior mean)."""

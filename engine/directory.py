@@ -25,7 +25,7 @@ from nuwaxl.tokenizer import PromptTokenizer
 
 FORMAT, FORMAT_VERSION, MANIFEST = "nuwaxl-engines", 1, "engines.json"
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
-TORCH_MODES = ("aoti", "eager", "compile", "cudagraph")
+TORCH_MODES = ("aoti", "eager", "compile", "cudagraph", "compile-cudagraph")
 
 
 def read_manifest(directory: str | Path) -> dict:

@@ -18,7 +18,15 @@ from nuwaxl.errors import UserError
 from nuwaxl.iospec import IOSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TorchMode = Literal["eager", "compile", "cudagraph"]
+TorchMode = Literal["eager", "compile", "cudagraph", "compile-cudagraph"]
+TORCH_MODES = ("eager", "compile", "cudagraph", "compile-cudagraph")
+BIND_INPUTS = ("context", "cond", "mask")  # the UNet inputs fixed while a batch of calls is sampled
+
+
+def _compile(fn):
+    # One specialised graph per batch size (dynamic=False): the few sizes a plan uses are known, and static shapes
+    # let Inductor pick the best kernels; a CUDA graph is captured around them in "compile-cudagraph".
+    return torch.compile(fn, dynamic=False)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -42,42 +50,109 @@ def resolve_dtype(precision: str | None, device: torch.device) -> torch.dtype:
 
 
 class TorchEngine:
-    """A live module; `compile` wraps it in torch.compile (recompiles per new batch size, then reuses)."""
+    """A live module; `compile` wraps it in torch.compile (recompiles per new batch size, then reuses).
+
+    A module with `prepare` and `step` (the UNet) can also be bound to the inputs that stay fixed while a batch
+    of calls is sampled: `bind` runs `prepare` once and returns eps(x_t, t), which runs only `step`.
+    """
 
     def __init__(self, module: nn.Module, spec: IOSpec, mode: TorchMode = "eager", bounded: bool = False):
         self.spec = spec if bounded else None
         self.names = [t.name for t in spec.inputs]
         self.out_name = spec.outputs[0].name
         self.module = module
-        self.fn = torch.compile(module) if mode == "compile" else module
+        compiled = mode in ("compile", "compile-cudagraph")
+        self.fn = _compile(module) if compiled else module
+        self.bindable = hasattr(module, "prepare") and hasattr(module, "step")
+        if self.bindable:
+            self.prepare_fn = _compile(module.prepare) if compiled else module.prepare
+            self.step_fn = _compile(module.step) if compiled else module.step
 
     @torch.inference_mode()
     def run(self, feeds, stream=None):
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             return {self.out_name: self.fn(*(feeds[n] for n in self.names))}
 
+    @torch.inference_mode()
+    def bind(self, fixed: dict[str, torch.Tensor]):
+        """eps(x_t, timesteps) with `fixed` (context, cond, mask) prepared once; None if the module cannot."""
+        if not self.bindable:
+            return None
+        prepared = self.prepare_fn(*(fixed[n] for n in BIND_INPUTS))
+
+        @torch.inference_mode()
+        def denoise(x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return self.step_fn(x_t, timesteps, *prepared)
+
+        return denoise
+
+    def release(self) -> None:
+        """Drop cached per-shape state (CUDA graphs and their memory pools); nothing for plain modules."""
+
+
+def _capture(fn, args: list[torch.Tensor], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Warm `fn` up on a side stream (compilation, cuDNN autotuning, allocator), then capture one call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn(*args)
+    return graph, out
+
 
 class CudaGraphEngine(TorchEngine):
     """Captures one CUDA graph per input shape (a batch-size bucket) and replays it; the launch overhead of a
-    lone 16-frame call is most of its time (FACTS.md: 23.2 ms eager vs 11.7 ms graphed, paper UNet)."""
+    lone 16-frame call is most of its time (FACTS.md: 23.2 ms eager vs 11.7 ms graphed, paper UNet).
+    With compile=True the graphs are captured around torch.compile'd code ("compile-cudagraph")."""
 
-    def __init__(self, module: nn.Module, spec: IOSpec):
-        super().__init__(module, spec, "eager")
+    def __init__(self, module: nn.Module, spec: IOSpec, compile: bool = False):
+        super().__init__(module, spec, "compile-cudagraph" if compile else "eager")
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.bound: dict[tuple, tuple] = {}
+
+    def release(self) -> None:
+        self.graphs.clear()
+        self.bound.clear()
 
     @torch.inference_mode()
     def _capture(self, feeds):
         static = {n: feeds[n].clone() for n in self.names}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm up (cuDNN autotuning, allocator) outside the capture
-                self.module(*(static[n] for n in self.names))
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.module(*(static[n] for n in self.names))
+        graph, out = _capture(self.fn, [static[n] for n in self.names])
         return graph, static, out
+
+    @torch.inference_mode()
+    def bind(self, fixed: dict[str, torch.Tensor]):
+        """Two graphs per batch shape: `prepare` (replayed here, once per batch of calls) and `step` (replayed per
+        denoising step), sharing one memory pool; `step` reads `prepare`'s outputs in place. A bound denoiser
+        is valid until the next `bind` with the same shapes (the executor binds one batch at a time)."""
+        if not self.bindable:
+            return None
+        key = tuple((n, tuple(fixed[n].shape), fixed[n].dtype) for n in BIND_INPUTS)
+        if key not in self.bound:
+            static = {n: fixed[n].clone() for n in BIND_INPUTS}
+            prep_graph, prepared = _capture(self.prepare_fn, [static[n] for n in BIND_INPUTS])
+            b, l = fixed["cond"].shape[:2]
+            x = torch.zeros_like(fixed["cond"])
+            t = torch.zeros(b, dtype=torch.int64, device=x.device)
+            step_graph, out = _capture(self.step_fn, [x, t, *prepared], pool=prep_graph.pool())
+            self.bound[key] = (static, prep_graph, x, t, step_graph, out)
+        static, prep_graph, x_static, t_static, step_graph, out = self.bound[key]
+        for n in BIND_INPUTS:
+            static[n].copy_(fixed[n], non_blocking=True)
+        prep_graph.replay()
+
+        @torch.inference_mode()
+        def denoise(x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            x_static.copy_(x_t, non_blocking=True)
+            t_static.copy_(timesteps, non_blocking=True)
+            step_graph.replay()
+            return out.clone()
+
+        return denoise
 
     @torch.inference_mode()
     def run(self, feeds, stream=None):
@@ -138,8 +213,10 @@ def torch_networks(models, device: str | None = None, precision: str | None = No
 
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
-    if mode == "cudagraph" and dev.type != "cuda":
-        raise UserError("torch mode 'cudagraph' needs a CUDA device; use --device cuda or mode 'eager'")
+    if mode not in TORCH_MODES:
+        raise UserError(f"unknown torch mode {mode!r}; use one of {', '.join(TORCH_MODES)}")
+    if mode.endswith("cudagraph") and dev.type != "cuda":
+        raise UserError(f"torch mode {mode!r} needs a CUDA device; use --device cuda or mode 'eager'")
     config = models.config if resolution is None else models.config.with_resolution(resolution)
     models = models.to(device=dev, dtype=dtype).eval()
     if dev.type == "cuda":  # NHWC conv weights: a lone paper-UNet call 14.7 -> 9.7 ms under CUDA graphs, batch 69
@@ -147,8 +224,8 @@ def torch_networks(models, device: str | None = None, precision: str | None = No
     specs = io_specs(config, "fp16" if dtype == torch.float16 else "fp32", max_batch=1)  # names only: unbounded
     engines = {}
     for name, module in networks(models).items():
-        engines[name] = (CudaGraphEngine(module, specs[name]) if mode == "cudagraph"
-                         else TorchEngine(module, specs[name], mode))
+        engines[name] = (CudaGraphEngine(module, specs[name], compile=mode == "compile-cudagraph")
+                         if mode.endswith("cudagraph") else TorchEngine(module, specs[name], mode))
     return EngineNetworks(engines, models.tokenizer, NetworkSpec(config, dev, dtype, None, f"torch-{mode}"))
 
 

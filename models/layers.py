@@ -59,11 +59,18 @@ class Attention(nn.Module):
             nn.init.zeros_(self.to_out.weight)
             nn.init.zeros_(self.to_out.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        ctx = x if context is None else context
+    def kv(self, context: torch.Tensor) -> list[torch.Tensor]:
+        """Keys and values (N, heads, S_ctx, d_head) of a context; for cross-attention they are fixed during
+        sampling and computed once per call."""
+        n, d = context.shape[0], self.to_q.out_features
+        return [t(context).reshape(n, -1, self.num_heads, d // self.num_heads).transpose(1, 2)
+                for t in (self.to_k, self.to_v)]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         n, s, d = x.shape
-        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
-        q, k, v = (t.reshape(n, -1, self.num_heads, d // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        q = self.to_q(x).reshape(n, s, self.num_heads, d // self.num_heads).transpose(1, 2)
+        k, v = kv if kv is not None else self.kv(x if context is None else context)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, S, d_head)
         return self.to_out(out.transpose(1, 2).reshape(n, s, d))
 

@@ -29,6 +29,13 @@ class UNetNet(nn.Module):
     def forward(self, x_t, timesteps, context, cond, mask):
         return self.unet(x_t, timesteps, context, cond, mask)
 
+    # Live-module engines split the network: `prepare` once per batch of calls, `step` once per denoising step.
+    def prepare(self, context, cond, mask) -> list[torch.Tensor]:
+        return self.unet.prepare(context, cond, mask)
+
+    def step(self, x_t, timesteps, *prepared) -> torch.Tensor:
+        return self.unet.step(x_t, timesteps, list(prepared))
+
 
 class VAEEncoderNet(nn.Module):
     def __init__(self, models: NuwaModels):

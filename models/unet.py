@@ -45,11 +45,21 @@ class ConditionInjection(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def affine(self, cond: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 10-11 folded into one affine map h -> scale * h + shift. It depends only on x0^c and x0^m, which
+        are fixed during sampling, so it is computed once per call rather than at every denoising step:
+        h' = w_c h + b_c + h, h'' = w_m h' + b_m + h'  =>  scale = (1 + w_m)(1 + w_c), shift = (1 + w_m) b_c + b_m."""
         w_c, b_c = self.cond(cond).chunk(2, dim=1)
-        h = w_c * h + b_c + h  # Eq. 10
         w_m, b_m = self.mask(mask).chunk(2, dim=1)
-        return w_m * h + b_m + h  # Eq. 11
+        gain = 1.0 + w_m
+        return gain * (1.0 + w_c), gain * b_c + b_m
+
+    @staticmethod
+    def apply(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(shift, scale, h)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.apply(h, *self.affine(cond, mask))
 
 
 class SpaceTimeTransformer(nn.Module):
@@ -68,11 +78,12 @@ class SpaceTimeTransformer(nn.Module):
         self.ff = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], num_frames: int) -> torch.Tensor:
+        """kv: the prompt's keys and values for PA, `self.cross_attn.kv(context)` (fixed during sampling)."""
         bl, c, hh, ww = x.shape
         h = self.proj_in(self.norm(x).reshape(bl, c, hh * ww).transpose(1, 2))  # (B*L, HW, C)
         h = h + self.self_attn(self.norm_sa(h))  # Eq. 12-13
-        h = h + self.cross_attn(self.norm_pa(h), context)  # Eq. 14-15, context (B*L, l_p, d_p)
+        h = h + self.cross_attn(self.norm_pa(h), kv=kv)  # Eq. 14-15, context (B*L, l_p, d_p)
         if self.temporal is not None:
             h = self.temporal(h, num_frames)
         h = h + self.ff(self.norm_ff(h))
@@ -87,12 +98,26 @@ class UNetLayer(nn.Module):
         self.attn = (SpaceTimeTransformer(cout, cfg.num_heads, cfg.context_dim, cfg.norm_groups, cfg.temporal)
                      if attention else None)
 
-    def forward(self, h, temb, context, cond, mask, num_frames):
-        h = self.res(h, temb, num_frames)
-        if self.inject is not None:
-            h = self.inject(h, cond, mask)
+    @property
+    def num_prepared(self) -> int:
+        return 2 * (self.inject is not None) + 2 * (self.attn is not None)
+
+    def prepare(self, context, cond, mask) -> list[torch.Tensor]:
+        """This layer's step-invariant tensors: injection scale and shift, PA keys and values (0, 2 or 4)."""
+        out = list(self.inject.affine(cond, mask)) if self.inject is not None else []
         if self.attn is not None:
-            h = self.attn(h, context, num_frames)
+            out += self.attn.cross_attn.kv(context)
+        return out
+
+    def forward(self, h, temb, prepared: list[torch.Tensor], num_frames):
+        """prepared: what `prepare` returned, in that order."""
+        h = self.res(h, temb, num_frames)
+        i = 0
+        if self.inject is not None:
+            h = self.inject.apply(h, prepared[0], prepared[1])
+            i = 2
+        if self.attn is not None:
+            h = self.attn(h, (prepared[i], prepared[i + 1]), num_frames)
         return h
 
 
@@ -147,6 +172,57 @@ class MaskUNet3D(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[0])
         self.conv_out = STConv(ch[0], cfg.latent_channels, t)
 
+    def layers(self) -> list[tuple[UNetLayer, int]]:
+        """Every UNetLayer in execution order, with the resolution level of its conditions."""
+        n = len(self.cfg.channels)
+        out = [(layer, i) for i, layers in enumerate(self.down) for layer in layers]
+        out += [(layer, n - 1) for layer in self.mid]
+        out += [(layer, n - 1 - k) for k, layers in enumerate(self.up) for layer in layers]
+        return out
+
+    def prepare(self, context: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Everything that stays fixed while a call is sampled, computed once per call instead of once per step:
+        the condition cascade folded into every layer's injection scale and shift, and PA's prompt keys and
+        values. context: (B, L, l_p, d_p); cond: (B, L, c, h, w); mask: (B, L, 1, h, w). A flat tensor list."""
+        context = context.flatten(0, 1)  # (B*L, l_p, d_p): frames as batch for PA
+        conds, masks = [self.cond_in(cond.flatten(0, 1))], [mask.flatten(0, 1)]
+        for conv in self.cond_down:
+            conds.append(conv(F.silu(conds[-1])))
+            masks.append(F.max_pool2d(masks[-1], 2))
+        return [t for layer, i in self.layers() for t in layer.prepare(context, conds[i], masks[i])]
+
+    def step(self, x: torch.Tensor, timesteps: torch.Tensor, prepared: list[torch.Tensor]) -> torch.Tensor:
+        """One denoising step given `prepare`'s tensors: (B, L, c, h, w), (B,) -> eps (B, L, c, h, w)."""
+        b, l = x.shape[:2]
+        temb = self.time_embed(timestep_embedding(timesteps, self.cfg.channels[0]).to(x.dtype))
+        temb = temb.repeat_interleave(l, dim=0)  # (B*L, temb_dim)
+        chunks, k = [], 0
+        for layer, _ in self.layers():
+            chunks.append(prepared[k: k + layer.num_prepared])
+            k += layer.num_prepared
+        if k != len(prepared):
+            raise ValueError(f"{len(prepared)} prepared tensors given, the layers take {k}")
+        chunks.reverse()  # popped in execution order
+
+        h = self.conv_in(x.flatten(0, 1), l)
+        skips = [h]
+        for i, layers in enumerate(self.down):
+            for layer in layers:
+                h = layer(h, temb, chunks.pop(), l)
+                skips.append(h)
+            if i < len(self.downsamples):
+                h = self.downsamples[i](h, l)
+                skips.append(h)
+        for layer in self.mid:
+            h = layer(h, temb, chunks.pop(), l)
+        for k, layers in enumerate(self.up):
+            for layer in layers:
+                h = layer(torch.cat([skips.pop(), h], dim=1), temb, chunks.pop(), l)  # Eq. 6
+            if k < len(self.upsamples):
+                h = self.upsamples[k](F.interpolate(h, scale_factor=2.0, mode="nearest"), l)
+        out = self.conv_out(F.silu(self.norm_out(h)), l)
+        return out.unflatten(0, (b, l))
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, cond: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         """Predict the noise eps_theta(x_t, p, t, x0^c) of Eq. 5.
@@ -154,31 +230,4 @@ class MaskUNet3D(nn.Module):
         x, cond: (B, L, c, h, w); timesteps: (B,); context: (B, L, l_p, d_p) per-frame prompt embeddings;
         mask: (B, L, 1, h, w), 1 where the frame is a visual condition. Returns (B, L, c, h, w).
         """
-        b, l = x.shape[:2]
-        temb = self.time_embed(timestep_embedding(timesteps, self.cfg.channels[0]).to(x.dtype))
-        temb = temb.repeat_interleave(l, dim=0)  # (B*L, temb_dim)
-        context = context.flatten(0, 1)  # (B*L, l_p, d_p): frames as batch for PA
-        conds, masks = [self.cond_in(cond.flatten(0, 1))], [mask.flatten(0, 1)]
-        for conv in self.cond_down:
-            conds.append(conv(F.silu(conds[-1])))
-            masks.append(F.max_pool2d(masks[-1], 2))
-
-        h = self.conv_in(x.flatten(0, 1), l)
-        skips = [h]
-        for i, layers in enumerate(self.down):
-            for layer in layers:
-                h = layer(h, temb, context, conds[i], masks[i], l)
-                skips.append(h)
-            if i < len(self.downsamples):
-                h = self.downsamples[i](h, l)
-                skips.append(h)
-        for layer in self.mid:
-            h = layer(h, temb, context, conds[-1], masks[-1], l)
-        for k, layers in enumerate(self.up):
-            i = len(self.up) - 1 - k
-            for layer in layers:
-                h = layer(torch.cat([skips.pop(), h], dim=1), temb, context, conds[i], masks[i], l)  # Eq. 6
-            if k < len(self.upsamples):
-                h = self.upsamples[k](F.interpolate(h, scale_factor=2.0, mode="nearest"), l)
-        out = self.conv_out(F.silu(self.norm_out(h)), l)
-        return out.unflatten(0, (b, l))
+        return self.step(x, timesteps, self.prepare(context, cond, mask))

@@ -61,9 +61,10 @@ def add_generate(sub) -> None:
     src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint")
     src.add_argument("--preset", choices=PRESET_NAMES, default=None, help="random weights of a preset")
     src.add_argument("--engines", default=None, help="engine directory from trt-nuwaxl build")
-    p.add_argument("--torch-mode", choices=("aoti", "eager", "compile", "cudagraph"), default=None,
-                   help="with --engines of the torch backend: the AOTInductor packages (default) or live modules; "
-                        "without --engines: eager (default), compile or cudagraph")
+    p.add_argument("--torch-mode", choices=("aoti", "eager", "compile", "cudagraph", "compile-cudagraph"),
+                   default=None, help="with --engines of the torch backend: the AOTInductor packages (default) or "
+                   "live modules; without --engines: eager (default), compile, cudagraph or compile-cudagraph "
+                   "(CUDA graphs around torch.compile'd code: the fastest on a GPU, after minutes of compiling)")
     p.add_argument("--frames-per-call", "-L", type=positive_int, default=None, help="L (default: the model's)")
     p.add_argument("--depth", type=positive_int, default=None, help="m (default: the least that reaches N)")
     p.add_argument("--mode", choices=("dod", "ar"), default="dod",
@@ -78,6 +79,8 @@ def add_generate(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     p.add_argument("--max-batch", type=positive_int, default=None, help="calls per batched model call "
                    "(default: a whole level)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="cap GPU memory at GIB GiB; a batch that does not fit is retried in halves (with a warning)")
     p.add_argument("--order", choices=("level", "depth"), default="level",
                    help="level: whole levels in few large batches (throughput); depth: the first frames' subtree "
                         "first, streaming frames in temporal order (latency; use with --max-batch)")
@@ -124,7 +127,8 @@ def cmd_generate(args) -> None:
     # Everything about the request is checked before any weights are built or loaded.
     request = prepare(config, prompts, args.frames, num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
                       frames_per_call=frames_per_call, depth=args.depth, guidance_scale=args.guidance,
-                      sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch, order=args.order)
+                      sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch, order=args.order,
+                      memory_budget_gib=args.memory_budget)
     args.device = init_from_env(args.device)  # under torchrun: join the group, one GPU per rank
     rank, _ = world()
     resolve_device(args.device)

@@ -51,3 +51,19 @@ def all_gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded)
     return torch.cat([parts[r][: len(shard(n, r, size))] for r in range(size)])
+
+
+_control = None  # a gloo group for host-side agreement, so it never waits on a CUDA stream
+
+
+def agree_any(flag: bool) -> bool:
+    """True if `flag` is true on any rank (every rank must call this together); `flag` alone on one process."""
+    global _control
+    rank, size = world()
+    if size == 1:
+        return flag
+    if _control is None:
+        _control = dist.new_group(backend="gloo")
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return bool(t.item())

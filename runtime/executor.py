@@ -3,13 +3,19 @@
 All calls of a batch share the timestep sequence, so each denoising step is one batched model call
 (doubled along batch for classifier-free guidance). Each call draws its noise from its own generator seeded by
 `Call.seed`, which makes the video independent of batch composition and of the device.
+
+On CUDA, `submit` only enqueues work and returns: conditions and sampling run on a compute stream, the T-KLVAE
+decode (in chunks) and the copy of uint8 frames to pinned host memory on a second stream, ordered by events, so
+the next batch's denoising overlaps this one's decode and the host never waits for the GPU until it hands out
+frames (`Decoded.host_frames`). Latents and frames stay on the GPU between levels.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,9 +42,67 @@ class PromptBank:
         self.empty = nets.encode_prompts([""])  # unconditional context for guidance
 
     def context(self, prompts_per_call: list[list[str]]) -> torch.Tensor:
-        idx = torch.tensor([[self.index[p] for p in ps] for ps in prompts_per_call],
-                           device=self.embeddings.device)
-        return self.embeddings[idx]  # (B, L, l_p, d_p)
+        idx = torch.tensor([[self.index[p] for p in ps] for ps in prompts_per_call])
+        return self.embeddings[to_device(idx, self.embeddings.device)]  # (B, L, l_p, d_p)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a host sync: a copy from pageable memory waits for the stream to drain."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class Lanes:
+    """The runtime's two CUDA streams: `compute` (condition encoding, sampling) and `vae` (decoding, copies to
+    the host), ordered by events. On the CPU everything runs in order and these are no-ops."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.compute = torch.cuda.Stream(device) if self.cuda else None
+        self.vae = torch.cuda.Stream(device) if self.cuda else None
+
+    def on(self, stream):
+        return torch.cuda.stream(stream) if self.cuda else nullcontext()
+
+    def record(self, stream) -> torch.cuda.Event | None:
+        return stream.record_event() if self.cuda else None
+
+    def wait(self, stream, event: torch.cuda.Event | None, *tensors: torch.Tensor) -> None:
+        """`stream` waits for `event`; `tensors` made on another stream are kept alive until `stream` is done."""
+        if self.cuda and event is not None:
+            stream.wait_event(event)
+            for t in tensors:
+                t.record_stream(stream)
+
+
+@dataclass
+class Decoded:
+    """One batch's frames: (B, L, 3, H, W) pixels in [-1, 1] on the device, final once `ready` has fired."""
+
+    calls: tuple[Call, ...]
+    pixels: torch.Tensor
+    ready: torch.cuda.Event | None
+    finite: torch.Tensor  # 0-d bool on the device: checked when frames reach the host, not per batch
+    dtype: torch.dtype
+    _host: torch.Tensor | None = field(default=None, repr=False)  # (B, L, H, W, 3) uint8, pinned
+
+    def host_frames(self) -> torch.Tensor:
+        """(B, L, H, W, 3) uint8 on the host; waits for this batch's decode only."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        if not bool(self.finite):  # fp16 overflow shows up as NaN -> black frames
+            raise FloatingPointError(
+                f"non-finite output in level {self.calls[0].level} (calls {[c.index for c in self.calls][:8]}) "
+                f"at {str(self.dtype).removeprefix('torch.')}; rerun with --precision fp32 (or bf16)")
+        if self._host is None:  # CPU device
+            self._host = uint8_frames(self.pixels)
+        return self._host
+
+
+def uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8, on the pixels' device."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1)
 
 
 class Executor:
@@ -48,23 +112,27 @@ class Executor:
         self.schedule = schedule
         self.options = options
         self.profile = profile  # if given: seconds per stage and level, with a device sync at each boundary
+        self.lanes = Lanes(nets.spec.device)
 
-    def _mark(self, stage: str, level: int, since: float) -> float:
+    def _mark(self, stage: str, level: int) -> None:
+        """Profile mode: seconds since the previous mark, synchronizing the device first."""
         if self.profile is None:
-            return since
-        if self.nets.spec.device.type == "cuda":
+            return
+        if self.lanes.cuda:
             torch.cuda.synchronize(self.nets.spec.device)
         now = time.perf_counter()
         key = f"level{level}_{stage}_s"
-        self.profile[key] = self.profile.get(key, 0.0) + now - since
-        return now
+        self.profile[key] = self.profile.get(key, 0.0) + now - self._since
+        self._since = now
 
     def _chunked(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         n = self.options.vae_batch
         return torch.cat([fn(x[i: i + n]) for i in range(0, x.shape[0], n)])
 
     def conditions(self, calls: tuple[Call, ...], frames: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """x0^c = T-KLVAE(v0^c) with non-condition frames zeroed, and the binary mask x0^m (paper sec. 3.2)."""
+        """x0^c = T-KLVAE(v0^c) with non-condition frames zeroed, and the binary mask x0^m (paper sec. 3.2).
+        `frames`: position -> (3, H, W) pixels of final frames (views into the `Decoded.pixels` of earlier
+        batches, whose decode the compute stream has been made to wait for)."""
         spec = self.nets.spec
         L, res = len(calls[0].positions), spec.config.resolution
         c, h, w = spec.latent_shape
@@ -78,28 +146,76 @@ class Executor:
 
     def run(self, calls: tuple[Call, ...], context: torch.Tensor, uncond: torch.Tensor,
             frames: dict[int, torch.Tensor], on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Sample and decode a batch of calls: returns (B, L, 3, H, W) float32 pixels in [-1, 1]."""
-        spec, opt = self.nets.spec, self.options
-        B, L = len(calls), len(calls[0].positions)
-        level, t = calls[0].level, time.perf_counter()
-        cond, mask = self.conditions(calls, frames)
-        t = self._mark("encode_conditions", level, t)
+        """Sample and decode a batch of calls and wait: (B, L, 3, H, W) float32 pixels in [-1, 1]."""
+        done = self.submit(calls, context, uncond, frames, {}, on_step)
+        done.host_frames()  # waits, and raises on non-finite latents
+        return done.pixels.float()
+
+    def submit(self, calls: tuple[Call, ...], context: torch.Tensor, uncond: torch.Tensor,
+               frames: dict[int, torch.Tensor], producers: dict[int, Decoded],
+               on_step: Callable[[int], None] | None = None,
+               gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               all_calls: tuple[Call, ...] | None = None) -> Decoded:
+        """Enqueue sampling and decoding of a batch of calls. `producers`: position -> the batch that made it
+        (its decode event orders this batch's condition encoding after it). Data parallel: `calls` is this
+        rank's shard of `all_calls` and `gather` all-gathers the decoded rows (on the decode stream)."""
+        spec, lanes = self.nets.spec, self.lanes
+        L = len(calls[0].positions)
+        level, self._since = calls[0].level, time.perf_counter()
         # CPU generators: the same seed gives the same noise on every device (as diffusers does).
         gens = [torch.Generator().manual_seed(c.seed) for c in calls]
 
         def draw() -> torch.Tensor:  # fp32 noise, the same numbers whatever the model dtype
             noise = torch.stack([torch.randn((L, *spec.latent_shape), generator=g) for g in gens])
-            return noise.to(spec.device, non_blocking=True)
+            return to_device(noise, spec.device)
+
+        if lanes.cuda:  # inputs the caller made on its own stream (prompt contexts) come first
+            lanes.compute.wait_stream(torch.cuda.current_stream())
+        with lanes.on(lanes.compute):
+            needed = {id(producers[p]): producers[p] for c in calls for p in c.cond_positions if p in producers}
+            for dec in needed.values():
+                lanes.wait(lanes.compute, dec.ready, dec.pixels)
+            x0 = self._sample(calls, context, uncond, frames, draw, on_step)
+            sampled = lanes.record(lanes.compute)
+        self._mark("sample", level)
+        with lanes.on(lanes.vae):
+            lanes.wait(lanes.vae, sampled, x0)
+            pixels = self._chunked(self.nets.decode_latents, x0.to(spec.dtype)).clamp(-1.0, 1.0)
+        return self.finish(all_calls or calls, pixels, gather)
+
+    def finish(self, calls: tuple[Call, ...], pixels: torch.Tensor,
+               gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Decoded:
+        """On the decode stream: gather rows across ranks, check for NaN, copy uint8 frames to pinned memory."""
+        lanes, spec = self.lanes, self.nets.spec
+        with lanes.on(lanes.vae):
+            if gather is not None:
+                pixels = gather(pixels)
+            finite = torch.isfinite(pixels).all()  # NaN latents decode to NaN pixels (clamp keeps NaN)
+            host = None
+            if lanes.cuda:
+                host = torch.empty((*pixels.shape[:2], *pixels.shape[-2:], 3), dtype=torch.uint8, pin_memory=True)
+                host.copy_(uint8_frames(pixels), non_blocking=True)
+            ready = lanes.record(lanes.vae)
+        self._mark("decode", calls[0].level)
+        return Decoded(calls, pixels, ready, finite, spec.dtype, host)
+
+    def _sample(self, calls, context, uncond, frames, draw, on_step) -> torch.Tensor:
+        spec, opt = self.nets.spec, self.options
+        B, L = len(calls), len(calls[0].positions)
+        cond, mask = self.conditions(calls, frames)
+        self._mark("encode_conditions", calls[0].level)
 
         guided = opt.guidance_scale != 1.0
         if guided:  # one batched call for the unconditional and conditional branches
             context = torch.cat([uncond.expand(B, L, *uncond.shape[1:]), context])
             cond, mask = torch.cat([cond, cond]), torch.cat([mask, mask])
 
+        eps_fn = self.nets.denoiser(context, cond, mask)  # prompts and conditions are fixed from here on
+
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
             xin = torch.cat([x, x]) if guided else x
             tt = torch.full((xin.shape[0],), t, device=spec.device, dtype=torch.int64)
-            eps = self.nets.denoise(xin.to(spec.dtype), tt, context, cond, mask).float()
+            eps = eps_fn(xin.to(spec.dtype), tt).float()
             if guided:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + opt.guidance_scale * (eps_c - eps_u)
@@ -107,12 +223,4 @@ class Executor:
 
         x_T = draw()
         noise = (lambda i: draw()) if needs_noise(opt.sampler, opt.eta) else None
-        x0 = sample(denoise, x_T, self.schedule, opt.num_inference_steps, opt.sampler, noise, opt.eta, on_step)
-        t = self._mark("sample", level, t)
-        if not torch.isfinite(x0).all():  # one sync per batch; fp16 overflow shows up as NaN -> black frames
-            raise FloatingPointError(
-                f"non-finite latents in level {calls[0].level} (calls {[c.index for c in calls][:8]}) at "
-                f"{str(spec.dtype).removeprefix('torch.')}; rerun with --precision fp32 (or bf16) to avoid overflow")
-        pixels = self._chunked(self.nets.decode_latents, x0.to(spec.dtype)).float().clamp(-1.0, 1.0)
-        self._mark("decode", level, t)
-        return pixels
+        return sample(denoise, x_T, self.schedule, opt.num_inference_steps, opt.sampler, noise, opt.eta, on_step)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +18,8 @@ from nuwaxl.engine import torch_backend
 from nuwaxl.engine.base import EngineNetworks
 from nuwaxl.engine.directory import load_engines
 from nuwaxl.errors import UserError
-from nuwaxl.runtime.distributed import all_gather_rows, shard, world
-from nuwaxl.runtime.executor import Executor, PromptBank, SamplingOptions
+from nuwaxl.runtime.distributed import agree_any, all_gather_rows, shard, world
+from nuwaxl.runtime.executor import Decoded, Executor, PromptBank, SamplingOptions, uint8_frames
 from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
 from nuwaxl.runtime.scheduler import Order, Scheduler, count_batches
 
@@ -29,6 +31,7 @@ class Request:
     options: SamplingOptions
     max_batch: int  # calls per batched model call
     order: Order = "level"  # "level": throughput; "depth": first frames first (low latency)
+    memory_budget_gib: float | None = None  # cap on CUDA allocations; over it, batches are halved and retried
 
 
 @dataclass
@@ -39,8 +42,8 @@ class VideoOutput:
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8 on the host."""
+    return uint8_frames(pixels).cpu().numpy()
 
 
 def plan(num_frames: int, frames_per_call: int, mode: Mode = "dod", depth: int | None = None, ar_context: int = 1,
@@ -55,7 +58,8 @@ def plan(num_frames: int, frames_per_call: int, mode: Mode = "dod", depth: int |
 def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_inference_steps: int = 25,
             seed: int = 0, mode: Mode = "dod", frames_per_call: int | None = None, depth: int | None = None,
             guidance_scale: float = 1.0, sampler: str = "ddim", eta: float = 0.0, ar_context: int = 1,
-            max_batch: int | None = None, vae_batch: int = 4, order: Order = "level") -> Request:
+            max_batch: int | None = None, vae_batch: int = 4, order: Order = "level",
+            memory_budget_gib: float | None = None) -> Request:
     """Validate a request against a model config and plan its calls, before any model work."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not all(isinstance(p, str) for p in prompts):
@@ -69,6 +73,8 @@ def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_
         raise UserError(f"guidance_scale={guidance_scale} must be >= 1 (1 disables guidance)")
     if max_batch is not None and max_batch < 1:
         raise UserError(f"max_batch={max_batch} must be at least 1 (or None for a whole level)")
+    if memory_budget_gib is not None and not memory_budget_gib > 0:
+        raise UserError(f"memory_budget_gib={memory_budget_gib} must be a positive number of GiB")
     if vae_batch < 1:
         raise UserError(f"vae_batch={vae_batch} must be at least 1")
     if order not in ("level", "depth"):
@@ -77,7 +83,7 @@ def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_
     the_plan = plan(num_frames, frames_per_call or config.frames_per_call, mode, depth, ar_context, seed)
     cap = max_batch or max(len(level) for level in the_plan.levels)
     return Request(the_plan, per_frame, SamplingOptions(num_inference_steps, sampler, eta, guidance_scale, vae_batch),
-                   cap, order)
+                   cap, order, memory_budget_gib)
 
 
 class Pipeline:
@@ -138,44 +144,106 @@ class Pipeline:
 
     def run(self, req: Request, progress: bool = True, timings: dict | None = None,
             profile: bool = False) -> Iterator[tuple[int, np.ndarray]]:
-        """Execute a prepared request, yielding frames in temporal order as they become final."""
+        """Execute a prepared request, yielding frames in temporal order as they become final.
+
+        Batches are enqueued without waiting for the GPU; a batch's frames are handed out after the next batch
+        has been enqueued, so its decode overlaps that batch's denoising. On out-of-memory the failed batch is
+        put back and the scheduler retries with half as many calls per batch (frames already made are kept).
+        """
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
-        bank = PromptBank(self.nets, req.per_frame)
-        timings["encode_prompts_s"] = time.perf_counter() - t0
-        scheduler = Scheduler(req.plan, req.max_batch, req.order)
-        executor = Executor(self.nets, self.schedule, req.options, profile=timings if profile else None)
-        steps = req.options.num_inference_steps
-        total = count_batches(req.plan, req.max_batch, req.order) * steps
-        frames: dict[int, torch.Tensor] = {}  # position -> (3, H, W) pixels, kept while still needed
-        bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress or world()[0] != 0, leave=False)
-        try:
+        device = self.nets.spec.device
+        with memory_budget(req.memory_budget_gib, device):
+            bank = PromptBank(self.nets, req.per_frame)
+            timings["encode_prompts_s"] = time.perf_counter() - t0
+            scheduler = Scheduler(req.plan, req.max_batch, req.order)
+            executor = Executor(self.nets, self.schedule, req.options, profile=timings if profile else None)
+            steps = req.options.num_inference_steps
+            bar = tqdm(total=count_batches(req.plan, req.max_batch, req.order) * steps, desc="denoising",
+                       unit="step", disable=not progress or world()[0] != 0, leave=False)
+            frames: dict[int, torch.Tensor] = {}  # position -> (3, H, W) pixels on the device, while needed
+            producers: dict[int, Decoded] = {}  # position -> the batch that made it (its events, host copy)
+            slots: dict[int, tuple[Decoded, int, int]] = {}  # position -> (batch, row, slot), until emitted
+            emittable: list[int] = []  # final on the GPU, next to hand out, in temporal order
             rank, size = world()
-            while (batch := scheduler.next_batch()) is not None:
-                bar.set_postfix(level=batch.level, calls=len(batch.calls))
-                part = shard(len(batch.calls), rank, size)  # this rank's calls (all of them on one process)
-                mine = batch.calls[part.start: part.stop]
-                pixels = None
-                if mine:  # a rank with no share of a small batch still joins the all-gather
-                    context = bank.context([call_prompts(c, req.per_frame) for c in mine])
-                    pixels = executor.run(mine, context, bank.empty, frames, on_step=lambda i: bar.update())
-                elif size > 1:
-                    bar.update(req.options.num_inference_steps)
-                if size > 1:
-                    res = self.config.resolution
-                    local = pixels if pixels is not None else torch.empty(
-                        0, len(batch.calls[0].positions), 3, res, res, device=self.nets.spec.device)
-                    pixels = all_gather_rows(local, len(batch.calls))
-                for b, call in enumerate(batch.calls):
-                    for slot in call.gen_slots:
-                        frames[call.positions[slot]] = pixels[b, slot]
-                ready = scheduler.complete(batch)
-                if rank == 0:  # one process emits (and writes) the video
-                    for pos in ready:
-                        yield pos, to_uint8(frames[pos])
-                keep = scheduler.needed_later()
-                for pos in [p for p in frames if p < scheduler.emitted and p not in keep]:
-                    del frames[pos]
-        finally:
-            bar.close()
-            timings["generate_s"] = time.perf_counter() - t0
+            try:
+                while (batch := scheduler.next_batch()) is not None:
+                    bar.set_postfix(level=batch.level, calls=len(batch.calls))
+                    try:
+                        done = self._submit(executor, bank, req, batch, frames, producers, bar)
+                    except torch.cuda.OutOfMemoryError as e:
+                        failed = e
+                    else:
+                        failed = None
+                    if agree_any(failed is not None):  # every rank retries together
+                        self._shrink(scheduler, batch, failed, bar, steps)
+                        continue
+                    for b, call in enumerate(batch.calls):
+                        for slot in call.gen_slots:
+                            pos = call.positions[slot]
+                            frames[pos], producers[pos], slots[pos] = done.pixels[b, slot], done, (done, b, slot)
+                    # Hand out what earlier batches finished before waiting on this one's frames.
+                    if rank == 0:
+                        yield from self._emit(emittable, slots)
+                    emittable = scheduler.complete(batch)
+                    keep = scheduler.needed_later()
+                    for pos in [p for p in frames if p < scheduler.emitted and p not in keep]:
+                        del frames[pos], producers[pos]
+                if rank == 0:
+                    yield from self._emit(emittable, slots)
+            finally:
+                bar.close()
+                timings["generate_s"] = time.perf_counter() - t0
+
+    def _submit(self, executor: Executor, bank: PromptBank, req: Request, batch, frames, producers,
+                bar) -> Decoded:
+        """Enqueue one batch: this rank's shard of its calls, then (data parallel) an all-gather of the rows."""
+        rank, size = world()
+        part = shard(len(batch.calls), rank, size)
+        mine = batch.calls[part.start: part.stop]
+        gather = (lambda rows: all_gather_rows(rows, len(batch.calls))) if size > 1 else None
+        if not mine:  # a rank with no share of a small batch still joins the all-gather
+            bar.update(req.options.num_inference_steps)
+            res = self.config.resolution
+            empty = torch.empty(0, len(batch.calls[0].positions), 3, res, res, device=self.nets.spec.device,
+                                dtype=self.nets.spec.dtype)
+            return executor.finish(batch.calls, empty, gather)
+        context = bank.context([call_prompts(c, req.per_frame) for c in mine])
+        return executor.submit(mine, context, bank.empty, frames, producers, on_step=lambda i: bar.update(),
+                               gather=gather, all_calls=batch.calls)
+
+    def _shrink(self, scheduler: Scheduler, batch, error: Exception | None, bar, steps: int) -> None:
+        n = len(batch.calls)
+        if n == 1:
+            raise UserError("out of GPU memory with a single call per batch; lower --resolution, use fewer frames "
+                            "per call, or raise --memory-budget") from error
+        scheduler.requeue(batch, max_batch=n // 2)
+        self.nets.release()  # captured graphs hold memory pools sized for the failed batch
+        torch.cuda.empty_cache()
+        bar.total = bar.n + scheduler.remaining_batches() * steps
+        warnings.warn(f"out of GPU memory running {n} calls of level {batch.level} in one batch; retrying with at "
+                      f"most {n // 2} calls per batch (set max_batch / --max-batch to start there)", stacklevel=3)
+
+    @staticmethod
+    def _emit(positions: list[int], slots: dict) -> Iterator[tuple[int, np.ndarray]]:
+        for pos in positions:
+            done, b, slot = slots.pop(pos)
+            yield pos, done.host_frames()[b, slot].numpy()
+
+
+@contextmanager
+def memory_budget(gib: float | None, device: torch.device):
+    """Cap this process's CUDA allocations at `gib` GiB (the allocator raises out-of-memory beyond it, and the
+    pipeline then retries with smaller batches). No-op on the CPU or without a budget."""
+    if gib is None or device.type != "cuda":
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = gib * 2**30 / total
+    if not 0 < fraction <= 1:
+        raise UserError(f"memory budget {gib} GiB is outside (0, {total / 2**30:.1f}] GiB of this GPU")
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)

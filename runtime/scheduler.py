@@ -61,6 +61,29 @@ class Scheduler:
             self._in_flight.add((c.level, c.index))
         return Batch(min(c.level for c in batch), tuple(batch))
 
+    def requeue(self, batch: Batch, max_batch: int) -> None:
+        """Put a batch that failed (out of memory) back, and hand out at most `max_batch` calls from now on."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be at least 1")
+        for c in batch.calls:
+            self._in_flight.discard((c.level, c.index))
+            level = self._pending[c.level - 1]
+            level.append(c)
+            level.sort(key=lambda call: call.index)
+        self.max_batch = max_batch
+
+    def remaining_batches(self) -> int:
+        """Batches still to hand out (for progress bars), without changing this scheduler."""
+        sim = Scheduler(self.plan, self.max_batch, self.order)
+        sim._pending = [list(level) for level in self._pending]
+        sim.final = set(self.final) | {p for level in self.plan.levels for c in level
+                                       if (c.level, c.index) in self._in_flight for p in c.positions}
+        n = 0
+        while (batch := sim.next_batch()) is not None:
+            sim.complete(batch)
+            n += 1
+        return n
+
     def complete(self, batch: Batch) -> list[int]:
         for c in batch.calls:
             self._in_flight.discard((c.level, c.index))

@@ -40,3 +40,32 @@ def test_small_preset_on_cuda_fp16_is_finite():
     out = pipe(STORY, num_frames=226, num_inference_steps=3, progress=False)
     assert out.frames.shape == (226, 64, 64, 3)
     assert len(np.unique(out.frames)) > 16  # not a constant (NaN -> black) video
+
+
+@pytest.mark.parametrize("mode", ["eager", "cudagraph", "compile-cudagraph"])
+def test_cuda_modes_match_eager(mode):
+    """CUDA graphs (two per batch size: prepare, step) and compiled code give eager's video."""
+    ref = Pipeline.from_preset("small", device="cuda")(STORY, **{**KW, "num_frames": 226}).frames
+    out = Pipeline.from_preset("small", device="cuda", mode=mode)(STORY, **{**KW, "num_frames": 226}).frames
+    worst, mean = frame_diff(ref, out)
+    assert mean < 0.1, (worst, mean)
+
+
+@pytest.mark.parametrize("mode", ["eager", "cudagraph"])
+def test_memory_budget_retries_and_keeps_the_video(mode):
+    """Under a budget below the run's peak, the biggest batch runs out of memory, is retried in halves with a
+    warning, and the video is the unbudgeted one (per-call seeds)."""
+    pipe = Pipeline.from_preset("paper", device="cuda", mode=mode)
+    kw = dict(num_frames=256, frames_per_call=16, num_inference_steps=2, seed=1, progress=False)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ref = pipe(STORY, **kw).frames
+    peak = torch.cuda.max_memory_allocated()
+    pipe.nets.release()
+    torch.cuda.empty_cache()
+    budget = (base + 0.6 * (peak - base)) / 2**30
+    with pytest.warns(UserWarning, match="out of GPU memory running 17 calls of level 3"):
+        out = pipe(STORY, memory_budget_gib=budget, **kw).frames
+    worst, mean = frame_diff(ref, out)
+    assert worst <= 2 and mean < 0.05, (worst, mean)

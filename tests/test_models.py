@@ -98,6 +98,44 @@ def injection_sites(cfg: UNetConfig) -> dict[str, set[int]]:
     return sites
 
 
+def test_folded_injection_equals_eq_10_and_11():
+    """The per-call scale/shift precomputation is the paper's two injections, exactly (up to rounding)."""
+    torch.manual_seed(0)
+    inj = ConditionInjection(8, 6)
+    for conv in (inj.cond, inj.mask):
+        torch.nn.init.normal_(conv.weight, std=0.5)
+        torch.nn.init.normal_(conv.bias, std=0.5)
+    h, cond, mask = torch.randn(3, 8, 4, 4), torch.randn(3, 6, 4, 4), (torch.rand(3, 1, 4, 4) > 0.5).float()
+    w_c, b_c = inj.cond(cond).chunk(2, dim=1)
+    h1 = w_c * h + b_c + h  # Eq. 10
+    w_m, b_m = inj.mask(mask).chunk(2, dim=1)
+    torch.testing.assert_close(inj(h, cond, mask), w_m * h1 + b_m + h1, rtol=1e-5, atol=1e-5)  # Eq. 11
+
+
+def test_prepared_step_equals_the_whole_network():
+    """prepare once + step per denoising step == forward, with every injection and attention weight non-zero."""
+    torch.manual_seed(0)
+    cfg = preset("tiny").unet
+    unet = MaskUNet3D(cfg).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, cond = torch.randn(2, 4, cfg.latent_channels, 4, 4), torch.randn(2, 4, cfg.latent_channels, 4, 4)
+    mask = torch.zeros(2, 4, 1, 4, 4)
+    mask[:, [0, -1]] = 1.0
+    context = torch.randn(2, 4, 5, cfg.context_dim)
+    with torch.no_grad():
+        prepared = unet.prepare(context, cond, mask)
+        assert len(prepared) == sum(layer.num_prepared for layer, _ in unet.layers()) > 0
+        for t in (999, 500, 3):
+            ts = torch.full((2,), t)
+            torch.testing.assert_close(unet.step(x, ts, prepared), unet(x, ts, context, cond, mask))
+        other = unet.prepare(context, torch.randn_like(cond), mask)  # the conditions do reach the step
+        assert (unet.step(x, ts, other) - unet.step(x, ts, prepared)).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="prepared tensors given"):
+            unet.step(x, ts, prepared[:-1])
+
+
 def test_multiscale_and_symmetric_injection_switches():
     cfg = TINY.unet
     assert injection_sites(cfg) == {"down": {0, 1}, "up": {0, 1}, "mid": {0}}

@@ -56,16 +56,16 @@ def test_iter_frames_streams_in_temporal_order(tiny_pipe):
 def test_no_frame_is_changed_after_its_call(tiny_pipe, monkeypatch):
     """Each final frame is exactly what its own call produced: finer levels never touch coarser frames."""
     produced = {}
-    run = Executor.run
+    submit = Executor.submit
 
     def spy(self, calls, *args, **kwargs):
-        pixels = run(self, calls, *args, **kwargs)
+        done = submit(self, calls, *args, **kwargs)
         for b, call in enumerate(calls):
             for slot in call.gen_slots:
-                produced[call.positions[slot]] = (call.level, to_uint8(pixels[b, slot]))
-        return pixels
+                produced[call.positions[slot]] = (call.level, to_uint8(done.pixels[b, slot]))
+        return done
 
-    monkeypatch.setattr(Executor, "run", spy)
+    monkeypatch.setattr(Executor, "submit", spy)
     out = tiny_pipe(STORY, **{**KW, "num_frames": 50, "depth": 2})
     levels = [produced[p][0] for p in range(50)]
     assert levels.count(1) == 8 and set(levels) == {1, 2}
@@ -81,17 +81,21 @@ def test_ar_baseline_generates_every_frame_once(tiny_pipe):
 
 def test_guidance_runs_as_one_batched_call(tiny_pipe):
     calls = []
-    denoise = tiny_pipe.nets.denoise
+    denoiser = tiny_pipe.nets.denoiser
 
-    def spy(x, *a):
-        calls.append(x.shape[0])
-        return denoise(x, *a)
+    def spy(*fixed):
+        eps = denoiser(*fixed)
 
-    tiny_pipe.nets.denoise = spy
+        def counted(x, t):
+            calls.append(x.shape[0])
+            return eps(x, t)
+        return counted
+
+    tiny_pipe.nets.denoiser = spy
     try:
         tiny_pipe(STORY, guidance_scale=3.0, **KW)
     finally:
-        del tiny_pipe.nets.denoise
+        del tiny_pipe.nets.denoiser
     assert calls == [2] * 4 + [12] * 4  # (uncond, cond) x calls: 1 global, then 6 local calls
 
 
@@ -109,8 +113,8 @@ def test_bad_arguments_fail_before_any_work(tiny_pipe, kwargs, message):
 
 
 def test_non_finite_output_is_reported_with_a_fix(tiny_pipe, monkeypatch):
-    monkeypatch.setattr(tiny_pipe.nets, "denoise", lambda x, *a: torch.full_like(x, float("nan")))
-    with pytest.raises(FloatingPointError, match="non-finite latents in level 1 .* --precision fp32"):
+    monkeypatch.setattr(tiny_pipe.nets, "denoiser", lambda *fixed: lambda x, t: torch.full_like(x, float("nan")))
+    with pytest.raises(FloatingPointError, match="non-finite output in level 1 .* --precision fp32"):
         tiny_pipe(STORY, **KW)
 
 
@@ -121,3 +125,27 @@ def test_depth_first_order_gives_the_same_video(tiny_pipe):
     assert np.abs(level.frames.astype(int) - depth.frames.astype(int)).max() <= 1
     with pytest.raises(UserError, match="unknown order 'bfs'"):
         tiny_pipe.prepare(STORY, 50, order="bfs")
+
+
+def test_out_of_memory_retries_with_smaller_batches(tiny_pipe, monkeypatch):
+    """A batch that does not fit is put back and rerun in halves: the same video, and the user is told."""
+    expected = tiny_pipe(STORY, **KW).frames
+    denoiser, sizes = tiny_pipe.nets.denoiser, []
+
+    def limited(context, cond, mask):
+        sizes.append(cond.shape[0])
+        if cond.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return denoiser(context, cond, mask)
+
+    monkeypatch.setattr(tiny_pipe.nets, "denoiser", limited)
+    with pytest.warns(UserWarning, match="out of GPU memory running 6 calls of level 2 .* at most 3"):
+        frames = tiny_pipe(STORY, **KW).frames
+    assert sizes == [1, 6, 3] + [1] * 6 and np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
+
+    monkeypatch.setattr(tiny_pipe.nets, "denoiser", lambda *a: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")))
+    with pytest.raises(UserError, match="out of GPU memory with a single call per batch"):
+        tiny_pipe(STORY, **KW)
+    with pytest.raises(UserError, match="memory_budget_gib=0 must be a positive"):
+        tiny_pipe.prepare(STORY, 40, memory_budget_gib=0)

@@ -182,3 +182,24 @@ def test_depth_first_order_streams_the_first_frames_first(max_batch, depth_calls
     assert calls_until_frame(batches, per_batch, 15) == depth_calls
     level_batches, _, level_per_batch = run_fake(plan, max_batch, order="level")
     assert calls_until_frame(level_batches, level_per_batch, 15) == level_calls
+
+
+def test_requeued_batch_runs_again_in_smaller_batches():
+    """Out of memory: the failed batch goes back and every call still runs exactly once, at most 2 at a time."""
+    plan = plan_dod(226, 16, 2)
+    sched = Scheduler(plan, 1000)
+    first = sched.next_batch()
+    sched.complete(first)
+    failed = sched.next_batch()
+    assert len(failed.calls) == 15
+    assert sched.remaining_batches() == 0  # as things stand, the level is in flight
+    sched.requeue(failed, max_batch=2)
+    assert sched.remaining_batches() == 8
+    runs = []
+    while (batch := sched.next_batch()) is not None:
+        assert len(batch.calls) <= 2
+        runs += batch.calls
+        sched.complete(batch)
+    assert runs == list(plan.levels[1]) and sched.done() and sched.emitted == 226
+    with pytest.raises(ValueError, match="max_batch=0"):
+        sched.requeue(first, 0)
