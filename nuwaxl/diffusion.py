@@ -8,7 +8,7 @@ one batch: their only per-call state is their rows of x and their own noise gene
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,6 +91,20 @@ def sample(denoise: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tens
            noise: Callable[[int], torch.Tensor] | None = None, eta: float = 0.0,
            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Run the reverse process from x_T; `noise(i)` gives the fresh N(0, I) for step i (per-call generators)."""
+    steps = sample_steps(denoise, x_T, sched, num_steps, sampler, noise, eta, on_step)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def sample_steps(denoise: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor, sched: NoiseSchedule,
+                 num_steps: int, sampler: SamplerName = "ddim",
+                 noise: Callable[[int], torch.Tensor] | None = None, eta: float = 0.0,
+                 on_step: Callable[[int], None] | None = None) -> Generator[int, None, torch.Tensor]:
+    """`sample` one step at a time: yields each step's index once it is issued, returns x_0 (the caller can do
+    other work between steps, such as handing out frames that are ready)."""
     timesteps = sched.timesteps(num_steps)
     x = x_T
     for i, t in enumerate(timesteps):
@@ -105,4 +119,5 @@ def sample(denoise: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tens
             raise ValueError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'")
         if on_step is not None:
             on_step(i)
+        yield i
     return x

@@ -4,22 +4,25 @@ All calls of a batch share the timestep sequence, so each denoising step is one 
 (doubled along batch for classifier-free guidance). Each call draws its noise from its own generator seeded by
 `Call.seed`, which makes the video independent of batch composition and of the device.
 
-On CUDA, `submit` only enqueues work and returns: conditions and sampling run on a compute stream, the T-KLVAE
-decode (in chunks) and the copy of uint8 frames to pinned host memory on a second stream, ordered by events, so
-the next batch's denoising overlaps this one's decode and the host never waits for the GPU until it hands out
-frames (`Decoded.host_frames`). Latents and frames stay on the GPU between levels.
+On CUDA, `submit` enqueues work step by step (a generator: the caller hands out ready frames between steps) and
+keeps the host at most `HOST_AHEAD` steps ahead of the GPU, so the launch queue never fills and blocks it.
+Conditions and sampling run on a compute stream; the T-KLVAE decode (in chunks) and the copy of uint8 frames to
+pinned host memory on a second, higher-priority stream, ordered by events: the next batch's denoising overlaps this
+one's decode, and the host waits for a batch only when it hands out its frames (`Decoded.host_frames`). Latents and
+frames stay on the GPU between levels.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Generator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from nuwaxl.diffusion import NoiseSchedule, SamplerName, needs_noise, sample
+from nuwaxl.diffusion import NoiseSchedule, SamplerName, needs_noise, sample_steps
 from nuwaxl.engine.base import EngineNetworks
 from nuwaxl.runtime.planner import Call
 
@@ -60,7 +63,8 @@ class Lanes:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.compute = torch.cuda.Stream(device) if self.cuda else None
-        self.vae = torch.cuda.Stream(device) if self.cuda else None
+        # Decodes are short and gate frames handed to the user: their kernels go ahead of the denoising ones.
+        self.vae = torch.cuda.Stream(device, priority=-1) if self.cuda else None
 
     def on(self, stream):
         return torch.cuda.stream(stream) if self.cuda else nullcontext()
@@ -100,6 +104,18 @@ class Decoded:
         return self._host
 
 
+HOST_AHEAD = 2  # denoising steps the host may enqueue ahead of the GPU
+
+
+def drain(steps: Generator[int, None, Decoded]) -> Decoded:
+    """Run a `submit` generator to the end."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8, on the pixels' device."""
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1)
@@ -113,6 +129,7 @@ class Executor:
         self.options = options
         self.profile = profile  # if given: seconds per stage and level, with a device sync at each boundary
         self.lanes = Lanes(nets.spec.device)
+        self._since = time.perf_counter()
 
     def _mark(self, stage: str, level: int) -> None:
         """Profile mode: seconds since the previous mark, synchronizing the device first."""
@@ -147,7 +164,7 @@ class Executor:
     def run(self, calls: tuple[Call, ...], context: torch.Tensor, uncond: torch.Tensor,
             frames: dict[int, torch.Tensor], on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Sample and decode a batch of calls and wait: (B, L, 3, H, W) float32 pixels in [-1, 1]."""
-        done = self.submit(calls, context, uncond, frames, {}, on_step)
+        done = drain(self.submit(calls, context, uncond, frames, {}, on_step))
         done.host_frames()  # waits, and raises on non-finite latents
         return done.pixels.float()
 
@@ -155,10 +172,11 @@ class Executor:
                frames: dict[int, torch.Tensor], producers: dict[int, Decoded],
                on_step: Callable[[int], None] | None = None,
                gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               all_calls: tuple[Call, ...] | None = None) -> Decoded:
-        """Enqueue sampling and decoding of a batch of calls. `producers`: position -> the batch that made it
-        (its decode event orders this batch's condition encoding after it). Data parallel: `calls` is this
-        rank's shard of `all_calls` and `gather` all-gathers the decoded rows (on the decode stream)."""
+               all_calls: tuple[Call, ...] | None = None) -> Generator[int, None, Decoded]:
+        """Enqueue sampling and decoding of a batch of calls; yields after each denoising step, returns the
+        `Decoded` batch. `producers`: position -> the batch that made it (its decode event orders this batch's
+        condition encoding after it). Data parallel: `calls` is this rank's shard of `all_calls` and `gather`
+        all-gathers the decoded rows (on the decode stream)."""
         spec, lanes = self.nets.spec, self.lanes
         L = len(calls[0].positions)
         level, self._since = calls[0].level, time.perf_counter()
@@ -175,8 +193,24 @@ class Executor:
             needed = {id(producers[p]): producers[p] for c in calls for p in c.cond_positions if p in producers}
             for dec in needed.values():
                 lanes.wait(lanes.compute, dec.ready, dec.pixels)
-            x0 = self._sample(calls, context, uncond, frames, draw, on_step)
-            sampled = lanes.record(lanes.compute)
+            denoise, x_T, noise = self._setup(calls, context, uncond, frames, draw)
+        opt = self.options
+        steps = sample_steps(denoise, x_T, self.schedule, opt.num_inference_steps, opt.sampler, noise, opt.eta,
+                             on_step)
+        issued: deque[torch.cuda.Event] = deque()
+        while True:  # no stream context is held across a yield: the caller's code runs on its own stream
+            with lanes.on(lanes.compute):
+                try:
+                    i = next(steps)
+                except StopIteration as finished:
+                    x0 = finished.value
+                    sampled = lanes.record(lanes.compute)
+                    break
+                if lanes.cuda:  # stay at most HOST_AHEAD steps ahead of the GPU
+                    issued.append(lanes.record(lanes.compute))
+                    if len(issued) > HOST_AHEAD:
+                        issued.popleft().synchronize()
+            yield i
         self._mark("sample", level)
         with lanes.on(lanes.vae):
             lanes.wait(lanes.vae, sampled, x0)
@@ -199,7 +233,8 @@ class Executor:
         self._mark("decode", calls[0].level)
         return Decoded(calls, pixels, ready, finite, spec.dtype, host)
 
-    def _sample(self, calls, context, uncond, frames, draw, on_step) -> torch.Tensor:
+    def _setup(self, calls, context, uncond, frames, draw):
+        """Conditions, the bound denoiser (guidance batched), x_T and the noise source of a batch."""
         spec, opt = self.nets.spec, self.options
         B, L = len(calls), len(calls[0].positions)
         cond, mask = self.conditions(calls, frames)
@@ -221,6 +256,5 @@ class Executor:
                 eps = eps_u + opt.guidance_scale * (eps_c - eps_u)
             return eps
 
-        x_T = draw()
         noise = (lambda i: draw()) if needs_noise(opt.sampler, opt.eta) else None
-        return sample(denoise, x_T, self.schedule, opt.num_inference_steps, opt.sampler, noise, opt.eta, on_step)
+        return denoise, draw(), noise

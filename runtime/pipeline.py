@@ -169,8 +169,9 @@ class Pipeline:
             try:
                 while (batch := scheduler.next_batch()) is not None:
                     bar.set_postfix(level=batch.level, calls=len(batch.calls))
-                    try:
-                        done = self._submit(executor, bank, req, batch, frames, producers, bar)
+                    try:  # between denoising steps, hand out frames of earlier batches as their decode ends
+                        done = yield from self._drive(self._submit(executor, bank, req, batch, frames, producers,
+                                                                   bar), emittable, slots, rank)
                     except torch.cuda.OutOfMemoryError as e:
                         failed = e
                     else:
@@ -182,22 +183,29 @@ class Pipeline:
                         for slot in call.gen_slots:
                             pos = call.positions[slot]
                             frames[pos], producers[pos], slots[pos] = done.pixels[b, slot], done, (done, b, slot)
-                    # Hand out what earlier batches finished before waiting on this one's frames.
-                    if rank == 0:
-                        yield from self._emit(emittable, slots)
-                    emittable = scheduler.complete(batch)
+                    emittable += scheduler.complete(batch)
                     keep = scheduler.needed_later()
                     for pos in [p for p in frames if p < scheduler.emitted and p not in keep]:
                         del frames[pos], producers[pos]
                 if rank == 0:
-                    yield from self._emit(emittable, slots)
+                    yield from self._emit(emittable, slots, wait=True)
             finally:
                 bar.close()
                 timings["generate_s"] = time.perf_counter() - t0
 
-    def _submit(self, executor: Executor, bank: PromptBank, req: Request, batch, frames, producers,
-                bar) -> Decoded:
-        """Enqueue one batch: this rank's shard of its calls, then (data parallel) an all-gather of the rows."""
+    def _drive(self, steps, emittable: list[int], slots: dict, rank: int):
+        """Advance a batch's `submit` generator; after each step, yield the frames that are now on the host."""
+        while True:
+            try:
+                next(steps)
+            except StopIteration as finished:
+                return finished.value
+            if rank == 0:
+                yield from self._emit(emittable, slots, wait=False)
+
+    def _submit(self, executor: Executor, bank: PromptBank, req: Request, batch, frames, producers, bar):
+        """Enqueue one batch (a generator over its steps, returning the `Decoded` batch): this rank's shard of its
+        calls, then (data parallel) an all-gather of the rows."""
         rank, size = world()
         part = shard(len(batch.calls), rank, size)
         mine = batch.calls[part.start: part.stop]
@@ -209,8 +217,8 @@ class Pipeline:
                                 dtype=self.nets.spec.dtype)
             return executor.finish(batch.calls, empty, gather)
         context = bank.context([call_prompts(c, req.per_frame) for c in mine])
-        return executor.submit(mine, context, bank.empty, frames, producers, on_step=lambda i: bar.update(),
-                               gather=gather, all_calls=batch.calls)
+        return (yield from executor.submit(mine, context, bank.empty, frames, producers,
+                                           on_step=lambda i: bar.update(), gather=gather, all_calls=batch.calls))
 
     def _shrink(self, scheduler: Scheduler, batch, error: Exception | None, bar, steps: int) -> None:
         n = len(batch.calls)
@@ -225,9 +233,14 @@ class Pipeline:
                       f"most {n // 2} calls per batch (set max_batch / --max-batch to start there)", stacklevel=3)
 
     @staticmethod
-    def _emit(positions: list[int], slots: dict) -> Iterator[tuple[int, np.ndarray]]:
-        for pos in positions:
-            done, b, slot = slots.pop(pos)
+    def _emit(emittable: list[int], slots: dict, wait: bool) -> Iterator[tuple[int, np.ndarray]]:
+        """Hand out frames in temporal order: all of them (wait=True), or those already on the host."""
+        while emittable:
+            done, b, slot = slots[emittable[0]]
+            if not wait and done.ready is not None and not done.ready.query():
+                return
+            pos = emittable.pop(0)
+            del slots[pos]
             yield pos, done.host_frames()[b, slot].numpy()
 
 

@@ -100,15 +100,15 @@ def test_failed_run_leaves_nothing_half_written(tmp_path, monkeypatch):
     out = tmp_path / "video.mp4"
     out.write_bytes(b"previous result")
     calls = []
-    submit = Executor.submit
+    finish = Executor.finish
 
     def failing(self, *args, **kwargs):
         calls.append(1)
         if len(calls) > 1:
             raise RuntimeError("simulated failure in the middle of generation")
-        return submit(self, *args, **kwargs)
+        return finish(self, *args, **kwargs)
 
-    monkeypatch.setattr(Executor, "submit", failing)
+    monkeypatch.setattr(Executor, "finish", failing)
     with pytest.raises(RuntimeError, match="simulated failure"):
         main(["generate", *FAST, "--frames", "40", "--max-batch", "1", "--out", str(out)])
     assert out.read_bytes() == b"previous result"  # the old file is untouched

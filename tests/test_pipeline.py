@@ -56,16 +56,15 @@ def test_iter_frames_streams_in_temporal_order(tiny_pipe):
 def test_no_frame_is_changed_after_its_call(tiny_pipe, monkeypatch):
     """Each final frame is exactly what its own call produced: finer levels never touch coarser frames."""
     produced = {}
-    submit = Executor.submit
+    finish = Executor.finish
 
-    def spy(self, calls, *args, **kwargs):
-        done = submit(self, calls, *args, **kwargs)
+    def spy(self, calls, pixels, *args, **kwargs):
         for b, call in enumerate(calls):
             for slot in call.gen_slots:
-                produced[call.positions[slot]] = (call.level, to_uint8(done.pixels[b, slot]))
-        return done
+                produced[call.positions[slot]] = (call.level, to_uint8(pixels[b, slot]))
+        return finish(self, calls, pixels, *args, **kwargs)
 
-    monkeypatch.setattr(Executor, "submit", spy)
+    monkeypatch.setattr(Executor, "finish", spy)
     out = tiny_pipe(STORY, **{**KW, "num_frames": 50, "depth": 2})
     levels = [produced[p][0] for p in range(50)]
     assert levels.count(1) == 8 and set(levels) == {1, 2}
