@@ -251,12 +251,13 @@ def memory_budget(gib: float | None, device: torch.device):
     if gib is None or device.type != "cuda":
         yield
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()  # the API needs an index
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = gib * 2**30 / total
     if not 0 < fraction <= 1:
         raise UserError(f"memory budget {gib} GiB is outside (0, {total / 2**30:.1f}] GiB of this GPU")
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
