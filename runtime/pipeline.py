@@ -226,6 +226,10 @@ class Pipeline:
             raise UserError("out of GPU memory with a single call per batch; lower --resolution, use fewer frames "
                             "per call, or raise --memory-budget") from error
         scheduler.requeue(batch, max_batch=n // 2)
+        if self.nets.spec.device.type == "cuda":
+            # Work already queued (earlier batches' decodes) may still use graph memory pools: let it finish
+            # before the pools are freed and reused.
+            torch.cuda.synchronize(self.nets.spec.device)
         self.nets.release()  # captured graphs hold memory pools sized for the failed batch
         torch.cuda.empty_cache()
         bar.total = bar.n + scheduler.remaining_batches() * steps
