@@ -20,8 +20,8 @@ def load(paths: list[str]) -> list[dict]:
         r = json.loads(Path(path).read_text())
         env = r["env"]
         for s in r["scenarios"]:
-            rows.append({**s, "backend": r["backend"], "gpus": s.get("gpus", env.get("gpus", 1)), "file": Path(path).name,
-                         "gpu": env.get("gpu", env.get("cpu")), "driver": env.get("driver", "-").splitlines()[0],
+            rows.append({**s, "backend": r["backend"], "gpus": s.get("gpus", env.get("gpus", 1)),
+                         "file": Path(path).name, "gpu": env.get("gpu", env.get("cpu")), "driver": env.get("driver", "-").splitlines()[0],
                          "torch": env["torch"], "cuda": env.get("cuda", "-"), "git_sha": env["git_sha"]})
     return rows
 
