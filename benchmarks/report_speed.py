@@ -21,7 +21,8 @@ def load(paths: list[str]) -> list[dict]:
         env = r["env"]
         for s in r["scenarios"]:
             rows.append({**s, "backend": r["backend"], "gpus": s.get("gpus", env.get("gpus", 1)),
-                         "file": Path(path).name, "gpu": env.get("gpu", env.get("cpu")), "driver": env.get("driver", "-").splitlines()[0],
+                         "file": Path(path).name, "gpu": env.get("gpu", env.get("cpu")),
+                         "driver": env.get("driver", "-").splitlines()[0],
                          "torch": env["torch"], "cuda": env.get("cuda", "-"), "git_sha": env["git_sha"]})
     return rows
 
