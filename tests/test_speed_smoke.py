@@ -24,7 +24,8 @@ def test_cpu_smoke_scenarios_record_everything(tmp_path, monkeypatch):
     results.write_text(json.dumps({"set": "cpu-smoke", "backend": "torch-eager", "env": {"torch": "x", "cpu": "y",
                                                                                           "git_sha": "z"},
                                    "scenarios": rows}))
-    monkeypatch.setattr("sys.argv", ["report", str(results), str(tmp_path / "table")])
+    monkeypatch.setattr("sys.argv", ["report", str(tmp_path / "table"), str(results)])
     report_main()
     table = (tmp_path / "table.md").read_text()
-    assert "| 40 |" in table and "AR over Diffusion" in table
+    row40 = next(line for line in table.splitlines() if line.startswith("| 32 | 40 | eager | 1 |"))
+    assert "AR over Diffusion" in table and row40.count(" s (") == 2  # AR and DoD times, with the reduction
