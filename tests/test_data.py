@@ -1,0 +1,80 @@
+"""The procedural long-video dataset and the sparse hierarchical sampling of training clips (training issue)."""
+
+import numpy as np
+import pytest
+
+from nuwaxl.runtime.planner import plan_dod
+from nuwaxl.train.data import ACTIONS, CAST, LOCATIONS, LongVideo, story_shots
+from nuwaxl.train.sampling import sample_clip, tree_frames
+
+
+def test_stories_are_deterministic_and_differ_by_seed_and_index():
+    a, b = LongVideo(0, 3, 400, 32), LongVideo(0, 3, 400, 32)
+    assert a.shots == b.shots and [a.caption(i) for i in range(400)] == [b.caption(i) for i in range(400)]
+    assert np.array_equal(a.clip(range(0, 400, 37)), b.clip(range(0, 400, 37)))
+    assert LongVideo(1, 3, 400, 32).shots != a.shots and LongVideo(0, 4, 400, 32).shots != a.shots
+
+
+def test_long_story_has_shot_changes_recurring_cast_and_a_caption_per_frame():
+    video = LongVideo(7, 0, 3376, 32)
+    shots = video.shots
+    assert sum(s.length for s in shots) == 3376 and shots[0].start == 0
+    assert all(b.start == a.start + a.length for a, b in zip(shots, shots[1:], strict=False))
+    assert len(shots) >= 20 and all(a.location != b.location for a, b in zip(shots, shots[1:], strict=False))
+    appearances = [sum(c in {x.character for x in s.actors} for s in shots) for c in range(len(CAST))]
+    assert min(appearances) >= 2  # every character recurs across shots
+    for i in (0, 1000, 3375):
+        lab, cap = video.labels(i), video.caption(i)
+        assert LOCATIONS[lab.location][0] in cap
+        assert all(CAST[c][0] in cap for c in lab.characters) and all(ACTIONS[a] in cap for a in lab.actions)
+    with pytest.raises(IndexError, match="frame 3376 is outside 0..3375"):
+        video.caption(3376)
+
+
+def test_frames_show_the_labels():
+    video = LongVideo(2, 1, 300, 64)
+    shot = next(s for s in video.shots if any(a.action in (1, 2) for a in s.actors) and s.length > 20)
+    first, later = video.frame(shot.start), video.frame(shot.start + 20)
+    assert first.shape == (64, 64, 3) and first.dtype == np.uint8
+    assert not np.array_equal(first, later)  # walkers move
+    lab = video.labels(shot.start)
+    x, y = lab.positions[-1]  # the last character drawn is on top: its body colour is at its centre
+    assert tuple(first[int(y * 64), int(x * 64)]) == CAST[lab.characters[-1]][1]
+    sky = LOCATIONS[lab.location][1]
+    assert tuple(first[1, 1]) == sky  # the location's sky in the corner
+
+
+def test_bad_story_arguments_name_the_fix():
+    with pytest.raises(ValueError, match="num_frames=0 must be at least 1"):
+        story_shots(0, 0, 0)
+    with pytest.raises(ValueError, match="resolution=8 must be at least 16"):
+        LongVideo(0, 0, 10, 8)
+
+
+@pytest.mark.parametrize("L,m", [(4, 2), (16, 3), (5, 1)])
+def test_training_clips_lie_on_the_planners_grids(L, m):
+    """Global clips: L frames at the coarsest stride, no condition; local clips of level k: the frames of one
+    inference call of level k (same stride, segment aligned to the level above), first and last as condition."""
+    rng = np.random.default_rng(0)
+    n = tree_frames(L, m) + 37
+    plan = plan_dod(tree_frames(L, m), L, m)
+    grids = {(c.level, tuple(p - c.positions[0] for p in c.positions)) for c in plan.calls}
+    levels = set()
+    for _ in range(300):
+        clip = sample_clip(n, L, m, rng)
+        levels.add(clip.level)
+        offsets = tuple(p - clip.positions[0] for p in clip.positions)
+        assert (clip.level, offsets) in grids and len(clip.positions) == L
+        assert 0 <= clip.positions[0] and clip.positions[-1] < n
+        assert clip.cond_slots == (() if clip.level == 1 else (0, L - 1))
+        span = (L - 1) ** (m - clip.level + 1)
+        assert clip.level == 1 or any((clip.positions[0] - o) % span == 0 for o in range(38))  # origin <= 37
+    assert levels == set(range(1, m + 1))
+
+
+def test_clip_sampling_errors_name_the_fix():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="shorter than one tree of L=16, depth=3 \\(3376 frames\\)"):
+        sample_clip(1000, 16, 3, rng)
+    with pytest.raises(ValueError, match="level=4 must be between 1 and depth=3"):
+        sample_clip(4000, 16, 3, rng, level=4)
