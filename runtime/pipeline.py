@@ -146,9 +146,10 @@ class Pipeline:
             profile: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """Execute a prepared request, yielding frames in temporal order as they become final.
 
-        Batches are enqueued without waiting for the GPU; a batch's frames are handed out after the next batch
-        has been enqueued, so its decode overlaps that batch's denoising. On out-of-memory the failed batch is
-        put back and the scheduler retries with half as many calls per batch (frames already made are kept).
+        Batches are enqueued step by step (the host stays at most two steps ahead of the GPU); a batch's frames
+        are handed out between the next batch's steps as soon as their decode has finished, so decoding overlaps
+        denoising. On out-of-memory the failed batch is put back and the scheduler retries with half as many
+        calls per batch (frames already made are kept).
         """
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
