@@ -91,7 +91,11 @@ def sample(denoise: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tens
            noise: Callable[[int], torch.Tensor] | None = None, eta: float = 0.0,
            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Run the reverse process from x_T; `noise(i)` gives the fresh N(0, I) for step i (per-call generators)."""
-    steps = sample_steps(denoise, x_T, sched, num_steps, sampler, noise, eta, on_step)
+    return run_to_end(sample_steps(denoise, x_T, sched, num_steps, sampler, noise, eta, on_step))
+
+
+def run_to_end(steps: Generator):
+    """Exhaust a step generator and return its return value."""
     while True:
         try:
             next(steps)

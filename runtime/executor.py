@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nuwaxl.diffusion import NoiseSchedule, SamplerName, needs_noise, sample_steps
+from nuwaxl.diffusion import NoiseSchedule, SamplerName, needs_noise, run_to_end, sample_steps
 from nuwaxl.engine.base import EngineNetworks
 from nuwaxl.runtime.planner import Call
 
@@ -107,15 +107,6 @@ class Decoded:
 HOST_AHEAD = 2  # denoising steps the host may enqueue ahead of the GPU
 
 
-def drain(steps: Generator[int, None, Decoded]) -> Decoded:
-    """Run a `submit` generator to the end."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
 def uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8, on the pixels' device."""
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1)
@@ -164,7 +155,7 @@ class Executor:
     def run(self, calls: tuple[Call, ...], context: torch.Tensor, uncond: torch.Tensor,
             frames: dict[int, torch.Tensor], on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Sample and decode a batch of calls and wait: (B, L, 3, H, W) float32 pixels in [-1, 1]."""
-        done = drain(self.submit(calls, context, uncond, frames, {}, on_step))
+        done = run_to_end(self.submit(calls, context, uncond, frames, {}, on_step))
         done.host_frames()  # waits, and raises on non-finite latents
         return done.pixels.float()
 
