@@ -157,6 +157,8 @@ class Executor:
         """Sample and decode a batch of calls and wait: (B, L, 3, H, W) float32 pixels in [-1, 1]."""
         done = run_to_end(self.submit(calls, context, uncond, frames, {}, on_step))
         done.host_frames()  # waits, and raises on non-finite latents
+        if self.lanes.cuda:  # made on the decode stream, read on the caller's
+            done.pixels.record_stream(torch.cuda.current_stream())
         return done.pixels.float()
 
     def submit(self, calls: tuple[Call, ...], context: torch.Tensor, uncond: torch.Tensor,
@@ -178,8 +180,10 @@ class Executor:
             noise = torch.stack([torch.randn((L, *spec.latent_shape), generator=g) for g in gens])
             return to_device(noise, spec.device)
 
-        if lanes.cuda:  # inputs the caller made on its own stream (prompt contexts) come first
-            lanes.compute.wait_stream(torch.cuda.current_stream())
+        if lanes.cuda:  # inputs the caller made on its own stream (prompt contexts) come first, and stay
+            lanes.compute.wait_stream(torch.cuda.current_stream())  # allocated until the compute stream is done
+            for t in (context, uncond):  # with them: the host can be a whole batch ahead when steps are few
+                t.record_stream(lanes.compute)
         with lanes.on(lanes.compute):
             needed = {id(producers[p]): producers[p] for c in calls for p in c.cond_positions if p in producers}
             for dec in needed.values():
