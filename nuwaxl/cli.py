@@ -255,6 +255,67 @@ def cmd_info(args) -> None:
           file=sys.stderr)
 
 
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the T-KLVAE and the MTD (one stage per call; resumes an unfinished one)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder: weights, optimizer state, log.jsonl, summary.json")
+    p.add_argument("--stage", required=True, choices=("vae-image", "vae-temporal", "mtd"))
+    p.add_argument("--steps", type=positive_int, required=True, help="total steps of the stage")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="small", help="architecture of a new run")
+    p.add_argument("--init", default=None, help="start a new run from this checkpoint instead of random weights")
+    p.add_argument("--videos", default=None, help="folder of your own videos (default: the procedural stories)")
+    p.add_argument("--captions", default=None, help="with --videos: .json or .csv with one caption per frame")
+    p.add_argument("--stories", type=positive_int, default=64, help="procedural stories to train on")
+    p.add_argument("--story-frames", type=positive_int, default=3376, help="frames per procedural story")
+    p.add_argument("--data-seed", type=int, default=0, help="procedural stories of this seed (held out: seed+1000)")
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--depth", type=positive_int, default=3, help="mtd: deepest tree sampled")
+    p.add_argument("--save-every", type=positive_int, default=1000)
+    p.add_argument("--time-limit", type=float, default=None, help="seconds of training in this call")
+    p.add_argument("--at-limit", choices=("pause", "finish"), default="pause",
+                   help="at the time limit: save and resume later, or end the stage with the steps done")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes rendering the procedural stories")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--export", default=None, help="also write the run's weights as an fp16 checkpoint here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> None:
+    import json
+
+    import torch
+
+    from nuwaxl.config import preset
+    from nuwaxl.engine.torch_backend import resolve_device
+    from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
+    from nuwaxl.train.trainer import TrainOptions, run_stage
+    from nuwaxl.train.videos import folder_corpus, synthetic_corpus
+
+    opts = TrainOptions(args.stage, args.steps, batch=args.batch, lr=args.lr, depth=args.depth,
+                        save_every=args.save_every, time_limit_s=args.time_limit, at_limit=args.at_limit)
+    device = resolve_device(args.device)
+    current = Path(args.run) / "models.safetensors"
+    if current.is_file():  # an existing run continues with its own weights and architecture
+        init = load_checkpoint(current)
+    else:
+        init = load_checkpoint(args.init) if args.init else NuwaModels.random(preset(args.preset))
+    res = init.config.resolution
+    if (args.videos is None) != (args.captions is None):
+        raise UserError("--videos and --captions go together: a folder of videos and their per-frame captions")
+    holdout = synthetic_corpus(args.data_seed + 1000, 4, args.story_frames, res, args.workers)
+    if args.videos:
+        videos = folder_corpus(args.videos, args.captions, res)
+    else:
+        videos = synthetic_corpus(args.data_seed, args.stories, args.story_frames, res, args.workers)
+    summary = run_stage(args.run, opts, videos, holdout, init, device, progress=not args.no_progress)
+    if args.export:
+        models = load_checkpoint(Path(args.run) / "models.safetensors")
+        save_checkpoint(models, args.export, dtype=torch.float16)
+    print(json.dumps(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trt-nuwaxl", description="NUWA-XL long video generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_build(sub)
     add_doctor(sub)
     add_info(sub)
+    add_train(sub)
     return parser
 
 

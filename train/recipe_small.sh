@@ -1,0 +1,21 @@
+# The recipe that trained the bundled `small` weights, on one GPU, in calls of under 10 minutes (the device tool's
+# limit). Each call resumes the run folder; run from the repository root on a GPU machine:
+#   bash train/recipe_small.sh vae      # both T-KLVAE stages, then the first MTD chunk
+#   bash train/recipe_small.sh mtd      # one more MTD chunk (resumes)
+#   bash train/recipe_small.sh final    # the last MTD chunk, ending the stage, and the fp16 export
+set -euo pipefail
+PHASE=${1:?usage: recipe_small.sh vae|mtd|final}
+RUN=${RUN:-runs/small}
+MTD_SECONDS=${MTD_SECONDS:-240}
+COMMON="--run $RUN --preset small --stories 64 --story-frames 3376 --workers 16 --no-progress"
+MTD="--stage mtd --steps 40000 --batch 32 --lr 2e-4 --save-every 2000"
+t() { python -m nuwaxl.cli train $COMMON "$@"; }
+case $PHASE in
+  vae)
+    t --stage vae-image --steps 4000 --batch 64 --lr 4e-4 --time-limit 100 --at-limit finish
+    t --stage vae-temporal --steps 3000 --batch 8 --lr 1e-4 --time-limit 120 --at-limit finish
+    t $MTD --time-limit "$MTD_SECONDS" ;;
+  mtd) t $MTD --time-limit "$MTD_SECONDS" ;;
+  final) t $MTD --time-limit "$MTD_SECONDS" --at-limit finish --export "$RUN/small-fp16.safetensors" ;;
+  *) echo "unknown phase $PHASE" >&2; exit 2 ;;
+esac

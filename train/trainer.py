@@ -1,0 +1,367 @@
+"""Training as in the paper, in three stages that share one run folder:
+
+1. `vae-image`: the spatial layers, as an image KL-VAE (the T-KLVAE built with `temporal=False`) on single frames;
+2. `vae-temporal`: the temporal layers added (identity / zero initialised, so the model starts as the image VAE)
+   and trained on clips; at the end the latent scale is set so diffusion sees ~unit-variance latents;
+3. `mtd`: the Mask 3D-UNet and the prompt encoder trained directly on long videos by sparse hierarchical sampling
+   (global clips at the coarsest stride with an all-zero condition, local clips with their first and last frames
+   as the condition), plus autoregressive-style clips (first frame given) so the AR baseline runs the same model
+   in a setting it was trained for. The T-KLVAE is frozen.
+
+A run folder holds `models.safetensors` (the current weights: a normal trt-nuwaxl checkpoint), `state.pt`
+(optimizer, EMA weights, step and random state of the stage in progress) and `log.jsonl` (one line per logged
+step). Saves are atomic; `train` on a folder with an unfinished stage resumes it. At the end of a stage its EMA
+weights become `models.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from nuwaxl.diffusion import NoiseSchedule
+from nuwaxl.errors import UserError
+from nuwaxl.files import atomic_output, write_text
+from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
+from nuwaxl.models.vae import TKLVAE
+from nuwaxl.train.sampling import TrainingClip, sample_clip, tree_frames
+from nuwaxl.train.videos import CorpusVideo
+
+STAGES = ("vae-image", "vae-temporal", "mtd")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    stage: str
+    steps: int  # total optimizer steps of the stage (a resumed stage continues up to this)
+    batch: int = 16  # frames (vae-image) or clips (vae-temporal, mtd) per step
+    lr: float = 2e-4
+    warmup: int = 100
+    ema: float = 0.999
+    depth: int = 3  # mtd: deepest tree sampled (trees of depth 1..depth, levels uniform)
+    ar_fraction: float = 0.2  # mtd: share of autoregressive clips (first frame as condition)
+    prompt_dropout: float = 0.1  # mtd: empty prompt, for classifier-free guidance
+    kl_weight: float = 1e-6
+    log_every: int = 50
+    save_every: int = 1000
+    seed: int = 0
+    time_limit_s: float | None = None  # wall-clock budget of this call
+    at_limit: str = "pause"  # at the time limit: "pause" (save, resume later) or "finish" (end the stage early)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise UserError(f"unknown stage {self.stage!r}; use one of {', '.join(STAGES)}")
+        if self.at_limit not in ("pause", "finish"):
+            raise UserError(f"at_limit={self.at_limit!r}: use 'pause' or 'finish'")
+        if self.steps < 1 or self.batch < 1:
+            raise UserError(f"steps={self.steps} and batch={self.batch} must be at least 1")
+
+
+class Corpus:
+    """The training videos on the training device: uint8 frames and one prompt-token row per frame."""
+
+    def __init__(self, videos: list[CorpusVideo], models: NuwaModels, device: torch.device):
+        if not videos:
+            raise UserError("the training corpus is empty")
+        res = models.config.resolution
+        bad = [v.name for v in videos if v.frames.shape[1:] != (res, res, 3)]
+        if bad:
+            raise UserError(f"videos {bad[:3]} are not {res}x{res}; load them at the model's resolution")
+        captions = sorted({c for v in videos for c in v.captions} | {""})
+        index = {c: i for i, c in enumerate(captions)}
+        self.tokens = models.tokenizer(captions).to(device)  # (U, 77)
+        self.empty = index[""]
+        self.frames = [torch.from_numpy(v.frames).to(device) for v in videos]
+        self.caption_ids = [torch.tensor([index[c] for c in v.captions], device=device) for v in videos]
+        self.lengths = np.array([len(v) for v in videos])
+        self.device = device
+
+    def pixels(self, video: int, positions) -> torch.Tensor:
+        """(L, 3, H, W) float pixels in [-1, 1]."""
+        idx = torch.as_tensor(positions, device=self.device)
+        return self.frames[video][idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    def pick(self, rng: np.random.Generator, min_frames: int = 1) -> int:
+        ok = np.flatnonzero(self.lengths >= min_frames)
+        if not len(ok):
+            raise UserError(f"no training video has {min_frames} frames; use longer videos or a smaller depth")
+        return int(rng.choice(ok, p=self.lengths[ok] / self.lengths[ok].sum()))
+
+
+def mtd_clip(corpus: Corpus, L: int, opts: TrainOptions, rng: np.random.Generator) -> tuple[int, TrainingClip]:
+    """A training clip for the MTD: hierarchical (random depth and level) or autoregressive."""
+    if rng.random() < opts.ar_fraction:
+        v = corpus.pick(rng, L)
+        start = int(rng.integers(0, corpus.lengths[v] - L + 1))
+        return v, TrainingClip(2, tuple(range(start, start + L)), (0,))
+    depths = [m for m in range(1, opts.depth + 1) if tree_frames(L, m) <= corpus.lengths.max()]
+    m = int(rng.choice(depths))
+    v = corpus.pick(rng, tree_frames(L, m))
+    return v, sample_clip(int(corpus.lengths[v]), L, m, rng)
+
+
+def vae_clip(corpus: Corpus, L: int, opts: TrainOptions, rng: np.random.Generator) -> tuple[int, tuple[int, ...]]:
+    """Clips the T-KLVAE meets at inference: the sparse grids of every level and consecutive frames."""
+    v, clip = mtd_clip(corpus, L, opts, rng)
+    return v, clip.positions
+
+
+def latent_std(vae: TKLVAE, corpus: Corpus, L: int, opts: TrainOptions, clips: int = 64) -> float:
+    rng = np.random.default_rng(opts.seed + 7)
+    with torch.no_grad():
+        means = []
+        for _ in range(max(1, clips // 8)):
+            video = torch.stack([corpus.pixels(*vae_clip(corpus, L, opts, rng)) for _ in range(8)])
+            means.append(vae.encode(video)[0].float())
+    return float(torch.cat(means).std())
+
+
+class Trainer:
+    def __init__(self, run_dir: str | Path, models: NuwaModels, corpus: Corpus, opts: TrainOptions,
+                 device: torch.device, progress: bool = True):
+        self.run_dir, self.models, self.corpus, self.opts = Path(run_dir), models, corpus, opts
+        self.device, self.progress = device, progress
+        self.L = models.config.frames_per_call
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+        self.schedule = NoiseSchedule.from_config(models.config.diffusion)
+        self.alphas = torch.tensor(self.schedule.alphas_cumprod, device=device, dtype=torch.float32)
+        if opts.stage == "vae-image":  # the image KL-VAE: the same tree without temporal layers
+            image_cfg = dataclasses.replace(models.config.vae, temporal=False)
+            self.net = TKLVAE(image_cfg).to(device)
+            self.net.load_state_dict({k: v for k, v in models.vae.state_dict().items()
+                                      if k in self.net.state_dict()})
+            self.trainable = dict(self.net.named_parameters())
+        elif opts.stage == "vae-temporal":
+            self.net = models.vae
+            self.trainable = {f"vae.{k}": p for k, p in models.vae.named_parameters()}
+        else:
+            self.net = models
+            for p in models.vae.parameters():
+                p.requires_grad_(False)
+            self.trainable = {k: p for k, p in models.named_parameters() if not k.startswith("vae.")}
+        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=opts.lr, weight_decay=0.0)
+        self.ema = {k: p.detach().clone() for k, p in self.trainable.items()}
+        self.step = 0
+        self.rng = np.random.default_rng(opts.seed)
+        self.torch_gen = torch.Generator(device=device).manual_seed(opts.seed)
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.models if self.opts.stage != "vae-image" else self._with_image_vae(self.trainable),
+                        self.run_dir / "models.safetensors")
+        state = {"stage": self.opts.stage, "step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "ema": self.ema, "rng": self.rng.bit_generator.state, "torch_rng": self.torch_gen.get_state()}
+        with atomic_output(self.run_dir / "state.pt") as tmp:
+            torch.save(state, tmp)
+
+    def resume(self) -> bool:
+        path = self.run_dir / "state.pt"
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["stage"] != self.opts.stage or state.get("done"):
+            return False
+        if self.opts.stage == "vae-image":  # models.safetensors holds the image VAE's weights mid-stage
+            self.net.load_state_dict({k: v for k, v in self.models.vae.state_dict().items()
+                                      if k in self.net.state_dict()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
+        self.step = state["step"]
+        self.rng.bit_generator.state = state["rng"]
+        self.torch_gen.set_state(state["torch_rng"])
+        return True
+
+    def _with_image_vae(self, params: dict[str, torch.Tensor]) -> NuwaModels:
+        """The models with the image VAE's spatial weights copied in (temporal layers stay identity / zero)."""
+        vae_state = self.models.vae.state_dict()
+        with torch.no_grad():
+            for k, v in params.items():
+                vae_state[k].copy_(v)
+        return self.models
+
+    def finish(self) -> NuwaModels:
+        """The stage's EMA weights become the run's models; the stage is marked done."""
+        with torch.no_grad():
+            if self.opts.stage == "vae-image":
+                self._with_image_vae(self.ema)
+            else:
+                named = dict(self.models.named_parameters())
+                for k, v in self.ema.items():
+                    named[k].copy_(v)
+            if self.opts.stage == "vae-temporal":
+                std = latent_std(self.models.vae, self.corpus, self.L, self.opts)
+                self.models.config = dataclasses.replace(
+                    self.models.config, vae=dataclasses.replace(self.models.config.vae, scaling_factor=1.0 / std))
+        save_checkpoint(self.models, self.run_dir / "models.safetensors")
+        with atomic_output(self.run_dir / "state.pt") as tmp:
+            torch.save({"stage": self.opts.stage, "step": self.step, "done": True}, tmp)
+        return self.models
+
+    # ---- steps -------------------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, self.opts.warmup))
+        return self.opts.lr * warm * (0.55 + 0.45 * math.cos(math.pi * min(1.0, step / self.opts.steps)))
+
+    def loss(self) -> torch.Tensor:
+        opts, corpus, L = self.opts, self.corpus, self.L
+        if opts.stage == "vae-image":
+            frames = []
+            for _ in range(opts.batch):
+                v = corpus.pick(self.rng)
+                frames.append(corpus.pixels(v, [int(self.rng.integers(corpus.lengths[v]))]))
+            return self._vae_loss(torch.stack(frames))  # (B, 1, 3, H, W)
+        if opts.stage == "vae-temporal":
+            return self._vae_loss(torch.stack([corpus.pixels(*vae_clip(corpus, L, opts, self.rng))
+                                               for _ in range(opts.batch)]))
+        return self._mtd_loss()
+
+    def _vae_loss(self, video: torch.Tensor) -> torch.Tensor:
+        mean, logvar = self.net.encode(video)
+        z = mean + torch.randn(mean.shape, generator=self.torch_gen, device=self.device) * torch.exp(0.5 * logvar)
+        recon = self.net.decode(z).float()
+        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).sum() / video.shape[0]
+        return F.l1_loss(recon, video) + F.mse_loss(recon, video) + self.opts.kl_weight * kl
+
+    def _mtd_loss(self) -> torch.Tensor:
+        opts, corpus, models, L = self.opts, self.corpus, self.models, self.L
+        picks = [mtd_clip(corpus, L, opts, self.rng) for _ in range(opts.batch)]
+        video = torch.stack([corpus.pixels(v, c.positions) for v, c in picks])  # (B, L, 3, H, W)
+        mask = torch.zeros(len(picks), L, 1, *video.shape[-2:], device=self.device)
+        for b, (_, clip) in enumerate(picks):
+            mask[b, list(clip.cond_slots)] = 1.0
+        scale = models.config.vae.scaling_factor
+        with torch.no_grad():  # x0 = T-KLVAE(v0); x0^c = T-KLVAE(v0 with non-condition frames zeroed) (sec. 3.2)
+            x0 = models.vae.encode(video)[0] * scale
+            cond = models.vae.encode(video * mask)[0] * scale
+            f = video.shape[-1] // x0.shape[-1]
+            latent_mask = mask[..., ::f, ::f]
+        ids = torch.stack([corpus.caption_ids[v][list(c.positions)] for v, c in picks])  # (B, L)
+        drop = torch.rand(ids.shape, generator=self.torch_gen, device=self.device) < opts.prompt_dropout
+        ids = torch.where(drop, torch.full_like(ids, corpus.empty), ids)
+        context = models.text(corpus.tokens[ids.flatten()]).unflatten(0, ids.shape)  # (B, L, 77, d)
+        t = torch.randint(0, len(self.alphas), (len(picks),), generator=self.torch_gen, device=self.device)
+        eps = torch.randn(x0.shape, generator=self.torch_gen, device=self.device)
+        ab = self.alphas[t].view(-1, 1, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        pred = models.unet(x_t, t, context, cond, latent_mask)
+        return F.mse_loss(pred.float(), eps)
+
+    def train(self) -> NuwaModels | None:
+        """Run the stage to its end (returns the final models) or, at the time limit with at_limit='pause', save
+        the state and return None."""
+        opts = self.opts
+        resumed = self.resume()
+        for m in (self.net, self.models):
+            m.train()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.run_dir / "log.jsonl").open("a", encoding="utf-8")
+        bar = tqdm(total=opts.steps, initial=self.step, desc=opts.stage, unit="step", disable=not self.progress)
+        if resumed:
+            bar.write(f"resuming {opts.stage} at step {self.step}")
+        running, t0 = [], time.perf_counter()
+        paused = False
+        try:
+            while self.step < opts.steps:
+                if opts.time_limit_s is not None and time.perf_counter() - t0 > opts.time_limit_s:
+                    bar.write(f"time limit reached at step {self.step} of {opts.steps}: "
+                              + ("saved; run the same command again to resume" if opts.at_limit == "pause"
+                                 else "finishing the stage early"))
+                    paused = opts.at_limit == "pause"
+                    break
+                for g in self.optimizer.param_groups:
+                    g["lr"] = self.lr_at(self.step)
+                with self.amp if self.amp is not None else torch.enable_grad():
+                    loss = self.loss()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at step {self.step} of {opts.stage}; lower --lr")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.trainable.values(), 1.0)
+                self.optimizer.step()
+                with torch.no_grad():
+                    decay = min(opts.ema, (1 + self.step) / (10 + self.step))
+                    for k, p in self.trainable.items():
+                        self.ema[k].lerp_(p.detach(), 1 - decay)
+                self.step += 1
+                running.append(float(loss.detach()))
+                bar.update()
+                if self.step % opts.log_every == 0 or self.step == opts.steps:
+                    rec = {"stage": opts.stage, "step": self.step, "loss": float(np.mean(running)),
+                           "lr": self.lr_at(self.step - 1), "seconds": round(time.perf_counter() - t0, 2)}
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    running = []
+                if self.step % opts.save_every == 0 and self.step < opts.steps:
+                    self.save()
+        finally:
+            bar.close()
+            log.close()
+            for m in (self.net, self.models):
+                m.eval()
+        if paused:
+            self.save()
+            return None
+        return self.finish()
+
+
+def load_run(run_dir: str | Path, init: NuwaModels, device: torch.device) -> NuwaModels:
+    """The run's current weights if the folder has them, else `init`."""
+    path = Path(run_dir) / "models.safetensors"
+    models = load_checkpoint(path) if path.is_file() else init
+    return models.float().to(device)
+
+
+def write_summary(run_dir: str | Path, stage: str, summary: dict) -> None:
+    path = Path(run_dir) / "summary.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[stage] = summary
+    write_text(path, json.dumps(data, indent=1))
+
+
+def recon_psnr(vae: TKLVAE, corpus: Corpus, L: int, clips: int = 32, seed: int = 123) -> float:
+    """Mean PSNR (dB, pixels in [-1, 1] mapped to [0, 1]) of T-KLVAE reconstructions of held-out clips drawn like
+    the clips generation decodes (every level's grid)."""
+    rng = np.random.default_rng(seed)
+    opts = TrainOptions("vae-temporal", 1)
+    psnrs = []
+    with torch.no_grad():
+        for _ in range(max(1, clips // 8)):
+            video = torch.stack([corpus.pixels(*vae_clip(corpus, L, opts, rng)) for _ in range(8)])
+            recon = vae.decode(vae.encode(video)[0]).float().clamp(-1, 1)
+            mse = ((recon - video) / 2).pow(2).flatten(1).mean(1)
+            psnrs += (-10 * torch.log10(mse.clamp_min(1e-10))).tolist()
+    return float(np.mean(psnrs))
+
+
+def run_stage(run_dir: str | Path, opts: TrainOptions, videos: list[CorpusVideo], holdout: list[CorpusVideo],
+              init: NuwaModels, device: torch.device, progress: bool = True) -> dict:
+    """Train one stage in `run_dir` (resuming it if unfinished) and record its summary."""
+    models = load_run(run_dir, init, device)
+    corpus = Corpus(videos, models, device)
+    trainer = Trainer(run_dir, models, corpus, opts, device, progress)
+    t0 = time.perf_counter()
+    models = trainer.train()
+    if models is None:
+        return {"paused_at_step": trainer.step, "of": opts.steps, "stage": opts.stage}
+    summary = {"steps": trainer.step, "seconds": round(time.perf_counter() - t0, 1),
+               "options": dataclasses.asdict(opts),
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    lines = [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    summary["final_loss"] = next((r["loss"] for r in reversed(lines) if r["stage"] == opts.stage), None)
+    if opts.stage.startswith("vae"):  # Table 2a: reconstruction without (image KL-VAE) and with temporal layers
+        summary["holdout_recon_psnr_db"] = recon_psnr(models.vae, Corpus(holdout, models, device),
+                                                      models.config.frames_per_call)
+        summary["scaling_factor"] = models.config.vae.scaling_factor
+    write_summary(run_dir, opts.stage, summary)
+    return summary
