@@ -9,7 +9,7 @@ RUN=${RUN:-runs/small}
 MTD_SECONDS=${MTD_SECONDS:-240}
 COMMON="--run $RUN --preset small --stories 64 --story-frames 3376 --workers 16 --no-progress"
 MTD="--stage mtd --steps 40000 --batch 32 --lr 2e-4 --save-every 2000"
-t() { python -m nuwaxl.cli train $COMMON "$@"; }
+t() { python -P -m nuwaxl.cli train $COMMON "$@"; }
 case $PHASE in
   vae)
     t --stage vae-image --steps 4000 --batch 64 --lr 4e-4 --time-limit 100 --at-limit finish
