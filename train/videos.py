@@ -17,9 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
-from PIL import Image
 
 from nuwaxl.errors import UserError
 from nuwaxl.train.data import LongVideo
@@ -99,6 +97,9 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
 
 def read_video(path: Path, resolution: int) -> np.ndarray:
     """(N, resolution, resolution, 3) uint8: the frames centre-cropped to a square and resized."""
+    import av  # PyAV (FFmpeg) and Pillow: needed for user videos only
+    from PIL import Image
+
     try:
         with av.open(str(path)) as container:
             frames = [f.to_image() for f in container.decode(video=0)]
