@@ -168,7 +168,7 @@ class Trainer:
         path = self.run_dir / "state.pt"
         if not path.is_file():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
         if state["stage"] != self.opts.stage or state.get("done"):
             return False
         if self.opts.stage == "vae-image":  # models.safetensors holds the image VAE's weights mid-stage
