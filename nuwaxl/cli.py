@@ -316,6 +316,47 @@ def cmd_train(args) -> None:
     print(json.dumps(summary))
 
 
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="generate held-out procedural stories and score them (Avg-FD, Block-FD-16, "
+                       "caption-attribute accuracy, character consistency)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint (default: bundled)")
+    src.add_argument("--preset", choices=PRESET_NAMES, default=None, help="random weights of a preset")
+    p.add_argument("--frames", type=positive_int, default=256)
+    p.add_argument("--mode", choices=("dod", "ar"), default="dod")
+    p.add_argument("--depth", type=positive_int, default=None)
+    p.add_argument("--stories", type=positive_int, default=4, help="held-out stories generated")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--probe", default=None, help="frame probe weights (default: bundled)")
+    p.add_argument("--out", default=None, help="also write the scores to this .json file")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> None:
+    import json
+
+    from nuwaxl.runtime.pipeline import Pipeline
+    from nuwaxl.train.evaluate import evaluate_generation, load_probe
+
+    probe = load_probe(args.probe)
+    checkpoint = args.checkpoint or (None if args.preset else bundled_checkpoint())
+    if checkpoint:
+        pipe = Pipeline.from_pretrained(checkpoint, device=args.device)
+    else:
+        pipe = Pipeline.from_preset(args.preset or "small", device=args.device)
+    scores = evaluate_generation(pipe, args.frames, args.mode, args.depth, args.stories, args.steps, args.seed, probe)
+    scores["weights"] = str(checkpoint) if checkpoint else f"random {args.preset or 'small'}"
+    text = json.dumps(scores, indent=1)
+    if args.out:
+        from nuwaxl.files import write_text
+
+        write_text(args.out, text)
+    print(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trt-nuwaxl", description="NUWA-XL long video generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_doctor(sub)
     add_info(sub)
     add_train(sub)
+    add_eval(sub)
     return parser
 
 

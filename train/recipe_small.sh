@@ -4,7 +4,7 @@
 #   bash train/recipe_small.sh mtd      # one more MTD chunk (resumes)
 #   bash train/recipe_small.sh final    # the last MTD chunk, ending the stage, and the fp16 export
 set -euo pipefail
-PHASE=${1:?usage: recipe_small.sh vae|mtd|final}
+PHASE=${1:?usage: recipe_small.sh vae|mtd|final|more}
 RUN=${RUN:-runs/small}
 MTD_SECONDS=${MTD_SECONDS:-240}
 COMMON="--run $RUN --preset small --stories 64 --story-frames 3376 --workers 16 --no-progress"
@@ -17,5 +17,10 @@ case $PHASE in
     t $MTD --time-limit "$MTD_SECONDS" ;;
   mtd) t $MTD --time-limit "$MTD_SECONDS" ;;
   final) t $MTD --time-limit "$MTD_SECONDS" --at-limit finish --export "$RUN/small-fp16.safetensors" ;;
+  more) t --init "${2:?init checkpoint}" --stage mtd --steps 40000 --batch 64 --lr 2e-4 --save-every 2000 \
+          --time-limit "$MTD_SECONDS" --at-limit finish --export "$RUN/small-fp16.safetensors" ;;
   *) echo "unknown phase $PHASE" >&2; exit 2 ;;
 esac
+# Second session (a fresh machine, so a fresh optimizer): more MTD steps from the first run's final weights, with
+# twice the batch (the step was bound by the host, not the GPU):
+#   RUN=runs/small2 bash train/recipe_small.sh more runs/init/models32.safetensors
