@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--device", default=None)
     ap.add_argument("--frames-budget", type=int, default=4096)
+    ap.add_argument("--min-stories", type=int, default=4)
     ap.add_argument("--torch-mode", default="eager", help="eager, cudagraph, ...")
     args = ap.parse_args()
     pipe = Pipeline.from_pretrained(bundled_checkpoint(), device=args.device, mode=args.torch_mode)
@@ -55,7 +56,7 @@ def main() -> None:
             "torch_mode": args.torch_mode}
     rows = []
     for mode, n, depth in ROWS:
-        stories = max(4, args.frames_budget // n)
+        stories = max(args.min_stories, args.frames_budget // n)
         t0 = time.perf_counter()
         rows.append(evaluate_generation(pipe, n, mode, depth, stories, args.steps, probe=probe, progress=False))
         rows[-1]["seconds"] = round(time.perf_counter() - t0, 1)
