@@ -141,8 +141,8 @@ def cmd_generate(args) -> None:
         pipe = Pipeline.from_pretrained(checkpoint, **kw)
     else:
         if rank == 0:
-            print(f"note: random weights of preset '{config.name}' (no trained weights bundled), so the video is "
-                  "noise-like", file=sys.stderr)
+            print(f"note: random weights of preset '{config.name}' (--preset), so the video is noise-like; omit "
+                  "--preset for the bundled trained weights", file=sys.stderr)
         pipe = Pipeline.from_preset(config.name, **kw)
     plan = request.plan
     if rank != 0:  # other ranks compute their share of every batch; rank 0 writes the outputs

@@ -1,0 +1,178 @@
+"""Training (three stages, resume, time limit), the user-video corpus and the evaluation, on tiny data (CPU)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nuwaxl.cli import main
+from nuwaxl.config import preset
+from nuwaxl.errors import UserError
+from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint
+from nuwaxl.runtime.video import write_mp4
+from nuwaxl.train.evaluate import (
+    FrameProbe,
+    block_features,
+    evaluate_videos,
+    frechet,
+    load_probe,
+    parse_caption,
+    score_video,
+)
+from nuwaxl.train.trainer import Corpus, Trainer, TrainOptions, mtd_clip
+from nuwaxl.train.videos import folder_corpus, read_captions, synthetic_corpus
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_videos():
+    return synthetic_corpus(0, 2, 300, 32)
+
+
+def train(run, stage, steps, videos, **kw):
+    models = NuwaModels.random(preset("tiny"))
+    if (run / "models.safetensors").is_file():
+        models = load_checkpoint(run / "models.safetensors")
+    opts = TrainOptions(stage, steps, batch=2, depth=2, log_every=1, save_every=2, **kw)
+    trainer = Trainer(run, models, Corpus(videos, models, CPU), opts, CPU, progress=False)
+    return trainer, trainer.train()
+
+
+def test_three_stages_train_and_change_the_weights(tmp_path, tiny_videos):
+    run = tmp_path / "run"
+    before = NuwaModels.random(preset("tiny")).state_dict()
+    _, m = train(run, "vae-image", 3, tiny_videos)
+    after_image = {k: v.clone() for k, v in m.state_dict().items()}
+    spatial = "vae.encoder.conv_in.spatial.weight"
+    temporal = "vae.encoder.conv_in.temporal.conv.weight"
+    assert not torch.equal(after_image[spatial], before[spatial])  # spatial layers trained
+    assert torch.equal(after_image[temporal], before[temporal])  # temporal layers still the identity
+    _, m = train(run, "vae-temporal", 3, tiny_videos)
+    assert not torch.equal(m.state_dict()[temporal], before[temporal])
+    assert m.config.vae.scaling_factor != preset("tiny").vae.scaling_factor  # set from the latents' spread
+    unet_key = "unet.conv_in.spatial.weight"
+    _, m = train(run, "mtd", 3, tiny_videos)
+    assert not torch.equal(m.state_dict()[unet_key], before[unet_key])
+    assert torch.equal(m.state_dict()[temporal], load_checkpoint(run / "models.safetensors").state_dict()[temporal])
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log].count("mtd") == 3 and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_pause_and_resume_continue_the_same_run(tmp_path, tiny_videos, monkeypatch):
+    run = tmp_path / "run"
+    trainer, out = train(run, "mtd", 4, tiny_videos, time_limit_s=0.0)  # the limit is hit before the first step
+    assert out is None and trainer.step == 0 and (run / "state.pt").is_file()
+    trainer, out = train(run, "mtd", 3, tiny_videos)
+    assert out is not None and trainer.step == 3
+
+
+def test_a_run_killed_mid_stage_resumes_to_the_same_weights(tmp_path, tiny_videos, monkeypatch):
+    _, straight = train(tmp_path / "a", "mtd", 4, tiny_videos)
+    loss = Trainer.loss
+
+    def dies_at_step_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return loss(self)
+
+    monkeypatch.setattr(Trainer, "loss", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", "mtd", 4, tiny_videos)  # saved at step 2 (save_every=2), killed at step 3
+    monkeypatch.setattr(Trainer, "loss", loss)
+    trainer, resumed = train(tmp_path / "b", "mtd", 4, tiny_videos)
+    assert trainer.step == 4
+    for k, v in straight.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+
+
+def test_training_clips_follow_the_planner_patterns(tiny_videos):
+    models = NuwaModels.random(preset("tiny"))
+    corpus = Corpus(tiny_videos, models, CPU)
+    rng = np.random.default_rng(0)
+    opts = TrainOptions("mtd", 1, depth=2)
+    seen = {mtd_clip(corpus, 16, opts, rng)[1].cond_slots for _ in range(200)}
+    assert seen == {(), (0, 15), (0,)}  # global, local, autoregressive
+
+
+def test_cli_train_writes_weights_log_and_export(tmp_path, capsys):
+    run, export = tmp_path / "run", tmp_path / "w.safetensors"
+    args = ["train", "--run", str(run), "--preset", "tiny", "--stories", "1", "--story-frames", "240", "--batch", "2",
+            "--depth", "2", "--device", "cpu", "--no-progress"]
+    assert main(args + ["--stage", "vae-image", "--steps", "2"]) == 0
+    assert main(args + ["--stage", "mtd", "--steps", "2", "--export", str(export)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mtd"]["steps"] == 2 and "holdout_recon_psnr_db" in summary["vae-image"]
+    assert load_checkpoint(export).unet.conv_in.spatial.weight.dtype == torch.float16
+
+
+def test_user_videos_load_with_per_frame_captions(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (5, 48, 64, 3), dtype=np.uint8)
+    (tmp_path / "vids").mkdir()
+    write_mp4(frames, tmp_path / "vids" / "a.mp4")
+    (tmp_path / "caps.json").write_text(json.dumps({"a.mp4": [f"frame {i}" for i in range(5)]}))
+    corpus = folder_corpus(tmp_path / "vids", tmp_path / "caps.json", 32)
+    assert corpus[0].frames.shape == (5, 32, 32, 3) and corpus[0].captions[4] == "frame 4"
+    rows = "video,frame,caption\n" + "".join(f"a.mp4,{i},frame {i}\n" for i in range(5))
+    (tmp_path / "caps.csv").write_text(rows)
+    assert read_captions(tmp_path / "caps.csv") == {"a.mp4": [f"frame {i}" for i in range(5)]}
+
+
+@pytest.mark.parametrize("captions,message", [
+    ({"a.mp4": ["only one"]}, r"a.mp4 has 5 frames but 1 captions"),
+    ({}, r"no captions for \['a.mp4'\]"),
+    ({"a.mp4": ["x"] * 5, "b.mp4": ["y"]}, r"captions for \['b.mp4'\], which are not in"),
+    ({"a.mp4": "not a list"}, r"must be a list of strings"),
+])
+def test_user_video_errors_name_the_problem(tmp_path, captions, message):
+    (tmp_path / "vids").mkdir()
+    write_mp4(np.zeros((5, 32, 32, 3), np.uint8), tmp_path / "vids" / "a.mp4")
+    (tmp_path / "caps.json").write_text(json.dumps(captions))
+    with pytest.raises(UserError, match=message):
+        folder_corpus(tmp_path / "vids", tmp_path / "caps.json", 32)
+
+
+def test_csv_captions_with_a_gap_are_rejected(tmp_path):
+    (tmp_path / "c.csv").write_text("video,frame,caption\na.mp4,0,x\na.mp4,2,y\n")
+    with pytest.raises(UserError, match=r"lacks captions for frames \[1\]"):
+        read_captions(tmp_path / "c.csv")
+
+
+def test_frechet_distance_and_block_features():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 4))
+    assert abs(frechet(a, a)) < 1e-6
+    assert frechet(a, a + 3.0) == pytest.approx(36.0, rel=1e-6)  # a mean shift of 3 in 4 dims
+    feats = np.arange(64, dtype=float).reshape(32, 2)
+    blocks = block_features(feats, 16)
+    assert blocks.shape == (2, 4) and np.allclose(blocks[:, 2:], 2.0)  # consecutive rows change by 2
+
+
+def test_scores_use_the_prompts_attributes():
+    assert parse_caption("Fred walks to the left and Dino jumps in the yard") == (1, frozenset({0, 3}))
+    prompts = ["Fred stands in the yard"] * 4
+    perfect = {"location": np.array([1] * 4), "characters": np.array([[1, 0, 0, 0, 0]] * 4, bool)}
+    wrong = {"location": np.array([0] * 4), "characters": np.array([[0, 1, 0, 0, 0]] * 4, bool)}
+    assert score_video(perfect, prompts).attribute_accuracy == 1.0
+    s = score_video(wrong, prompts)
+    assert s.attribute_accuracy == 0.0 and s.character_recall == 0.0
+
+
+def test_bundled_probe_recognises_real_frames():
+    """The probe shipped for the eval reads the renderer's ground truth (held-out stories, real frames)."""
+    videos = synthetic_corpus(1000, 2, 120, 64)
+    frames = [v.frames for v in videos]
+    scores = evaluate_videos(frames, [v.captions for v in videos], frames, load_probe())
+    assert scores["attribute_accuracy"] > 0.9 and abs(scores["avg_fd"]) < 1e-3
+
+
+def test_eval_of_noise_scores_low_and_cli_writes_json(tmp_path, capsys):
+    videos = synthetic_corpus(1000, 1, 32, 64)
+    noise = [np.random.default_rng(0).integers(0, 255, v.frames.shape, dtype=np.uint8) for v in videos]
+    scores = evaluate_videos(noise, [v.captions for v in videos], [v.frames for v in videos], FrameProbe().eval())
+    assert scores["attribute_accuracy"] < 0.8 and scores["avg_fd"] > 0
+    out = tmp_path / "s.json"
+    assert main(["eval", "--preset", "tiny", "--frames", "16", "--stories", "1", "--steps", "2", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["num_frames"] == 16
