@@ -23,6 +23,11 @@ def bundled_checkpoint() -> Path | None:
     return path if path.is_file() else None
 
 
+def chosen_checkpoint(args) -> Path | str | None:
+    """--checkpoint, else nothing with --preset (random weights), else the bundled trained weights."""
+    return args.checkpoint or (None if args.preset else bundled_checkpoint())
+
+
 def read_story(path: str | Path) -> list[str]:
     path = Path(path)
     try:
@@ -120,7 +125,7 @@ def cmd_generate(args) -> None:
     else:
         if args.torch_mode == "aoti":
             raise UserError("--torch-mode aoti needs --engines DIR built with --backend torch")
-        checkpoint = args.checkpoint or (None if args.preset else bundled_checkpoint())
+        checkpoint = chosen_checkpoint(args)
         config = read_config(checkpoint) if checkpoint else preset(args.preset or "small")
         if args.resolution:
             config = config.with_resolution(args.resolution)
@@ -342,7 +347,7 @@ def cmd_eval(args) -> None:
     from nuwaxl.train.evaluate import evaluate_generation, load_probe
 
     probe = load_probe(args.probe)
-    checkpoint = args.checkpoint or (None if args.preset else bundled_checkpoint())
+    checkpoint = chosen_checkpoint(args)
     if checkpoint:
         pipe = Pipeline.from_pretrained(checkpoint, device=args.device)
     else:

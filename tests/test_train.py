@@ -60,7 +60,7 @@ def test_three_stages_train_and_change_the_weights(tmp_path, tiny_videos):
     assert [r["stage"] for r in log].count("mtd") == 3 and all(np.isfinite(r["loss"]) for r in log)
 
 
-def test_pause_and_resume_continue_the_same_run(tmp_path, tiny_videos, monkeypatch):
+def test_pause_and_resume_continue_the_same_run(tmp_path, tiny_videos):
     run = tmp_path / "run"
     trainer, out = train(run, "mtd", 4, tiny_videos, time_limit_s=0.0)  # the limit is hit before the first step
     assert out is None and trainer.step == 0 and (run / "state.pt").is_file()

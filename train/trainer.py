@@ -115,13 +115,16 @@ def vae_clip(corpus: Corpus, L: int, opts: TrainOptions, rng: np.random.Generato
     return v, clip.positions
 
 
+def clip_batches(corpus: Corpus, L: int, opts: TrainOptions, seed: int, clips: int, batch: int = 8):
+    """Fixed-seed batches of (batch, L, 3, H, W) clips drawn like the clips generation decodes (every level's grid)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(max(1, clips // batch)):
+        yield torch.stack([corpus.pixels(*vae_clip(corpus, L, opts, rng)) for _ in range(batch)])
+
+
+@torch.no_grad()
 def latent_std(vae: TKLVAE, corpus: Corpus, L: int, opts: TrainOptions, clips: int = 64) -> float:
-    rng = np.random.default_rng(opts.seed + 7)
-    with torch.no_grad():
-        means = []
-        for _ in range(max(1, clips // 8)):
-            video = torch.stack([corpus.pixels(*vae_clip(corpus, L, opts, rng)) for _ in range(8)])
-            means.append(vae.encode(video)[0].float())
+    means = [vae.encode(video)[0].float() for video in clip_batches(corpus, L, opts, opts.seed + 7, clips)]
     return float(torch.cat(means).std())
 
 
@@ -151,6 +154,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=opts.lr, weight_decay=0.0)
         self.ema = {k: p.detach().clone() for k, p in self.trainable.items()}
         self.step = 0
+        self.last_loss: float | None = None  # the latest logged mean loss
         self.rng = np.random.default_rng(opts.seed)
         self.torch_gen = torch.Generator(device=device).manual_seed(opts.seed)
 
@@ -299,6 +303,7 @@ class Trainer:
                     rec = {"stage": opts.stage, "step": self.step, "loss": float(np.mean(running)),
                            "lr": self.lr_at(self.step - 1), "seconds": round(time.perf_counter() - t0, 2)}
                     log.write(json.dumps(rec) + "\n")
+                    self.last_loss = rec["loss"]
                     log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
                     running = []
@@ -329,18 +334,14 @@ def write_summary(run_dir: str | Path, stage: str, summary: dict) -> None:
     write_text(path, json.dumps(data, indent=1))
 
 
+@torch.no_grad()
 def recon_psnr(vae: TKLVAE, corpus: Corpus, L: int, clips: int = 32, seed: int = 123) -> float:
-    """Mean PSNR (dB, pixels in [-1, 1] mapped to [0, 1]) of T-KLVAE reconstructions of held-out clips drawn like
-    the clips generation decodes (every level's grid)."""
-    rng = np.random.default_rng(seed)
-    opts = TrainOptions("vae-temporal", 1)
+    """Mean PSNR (dB, pixels in [-1, 1] mapped to [0, 1]) of T-KLVAE reconstructions of held-out clips."""
     psnrs = []
-    with torch.no_grad():
-        for _ in range(max(1, clips // 8)):
-            video = torch.stack([corpus.pixels(*vae_clip(corpus, L, opts, rng)) for _ in range(8)])
-            recon = vae.decode(vae.encode(video)[0]).float().clamp(-1, 1)
-            mse = ((recon - video) / 2).pow(2).flatten(1).mean(1)
-            psnrs += (-10 * torch.log10(mse.clamp_min(1e-10))).tolist()
+    for video in clip_batches(corpus, L, TrainOptions("vae-temporal", 1), seed, clips):
+        recon = vae.decode(vae.encode(video)[0]).float().clamp(-1, 1)
+        mse = ((recon - video) / 2).pow(2).flatten(1).mean(1)
+        psnrs += (-10 * torch.log10(mse.clamp_min(1e-10))).tolist()
     return float(np.mean(psnrs))
 
 
@@ -357,8 +358,7 @@ def run_stage(run_dir: str | Path, opts: TrainOptions, videos: list[CorpusVideo]
     summary = {"steps": trainer.step, "seconds": round(time.perf_counter() - t0, 1),
                "options": dataclasses.asdict(opts),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    lines = [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-    summary["final_loss"] = next((r["loss"] for r in reversed(lines) if r["stage"] == opts.stage), None)
+    summary["final_loss"] = trainer.last_loss  # of this call (a resumed stage logged earlier ones in log.jsonl)
     if opts.stage.startswith("vae"):  # Table 2a: reconstruction without (image KL-VAE) and with temporal layers
         summary["holdout_recon_psnr_db"] = recon_psnr(models.vae, Corpus(holdout, models, device),
                                                       models.config.frames_per_call)
