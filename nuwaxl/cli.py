@@ -333,6 +333,7 @@ def add_eval(sub) -> None:
     p.add_argument("--depth", type=positive_int, default=None)
     p.add_argument("--stories", type=positive_int, default=4, help="held-out stories generated")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--probe", default=None, help="frame probe weights (default: bundled)")
@@ -352,7 +353,8 @@ def cmd_eval(args) -> None:
         pipe = Pipeline.from_pretrained(checkpoint, device=args.device)
     else:
         pipe = Pipeline.from_preset(args.preset or "small", device=args.device)
-    scores = evaluate_generation(pipe, args.frames, args.mode, args.depth, args.stories, args.steps, args.seed, probe)
+    scores = evaluate_generation(pipe, args.frames, args.mode, args.depth, args.stories, args.steps, args.seed, probe,
+                                 guidance_scale=args.guidance)
     scores["weights"] = str(checkpoint) if checkpoint else f"random {args.preset or 'small'}"
     text = json.dumps(scores, indent=1)
     if args.out:

@@ -228,7 +228,7 @@ if __name__ == "__main__":  # retrain the bundled probe and print its accuracy o
 
 def evaluate_generation(pipe, num_frames: int, mode: str = "dod", depth: int | None = None, stories: int = 4,
                         steps: int = 50, seed: int = 0, probe: FrameProbe | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, guidance_scale: float = 1.0) -> dict:
     """Generate `stories` held-out stories (their per-frame captions as prompts) with a pipeline and score them
     against the real renderings of the same stories."""
     res = pipe.config.resolution
@@ -236,10 +236,37 @@ def evaluate_generation(pipe, num_frames: int, mode: str = "dod", depth: int | N
     for story in tqdm(heldout_stories(stories, num_frames, res), desc=f"{mode} {num_frames}f", disable=not progress):
         caps = [story.caption(i) for i in range(num_frames)]
         out = pipe(caps, num_frames=num_frames, mode=mode, depth=depth, num_inference_steps=steps,
-                   seed=seed + story.index, progress=False)
+                   seed=seed + story.index, guidance_scale=guidance_scale, progress=False)
         videos.append(out.frames)
         prompts.append(caps)
         refs.append(story.clip(range(num_frames)))
     result = evaluate_videos(videos, prompts, refs, probe)
-    result.update({"mode": mode, "num_frames": num_frames, "depth": depth, "steps": steps, "seed": seed})
+    result.update({"mode": mode, "num_frames": num_frames, "depth": depth, "steps": steps, "seed": seed,
+                   "guidance_scale": guidance_scale})
+    return result
+
+
+@torch.no_grad()
+def evaluate_reference(pipe, num_frames: int, stories: int = 4, reconstruct: bool = True,
+                       probe: FrameProbe | None = None) -> dict:
+    """The ceiling generation is measured against: the same held-out stories' real frames (reconstruct=False: the
+    probe's own accuracy) or their T-KLVAE reconstructions in consecutive clips of L frames (what a perfect MTD
+    would give)."""
+    L, dev = pipe.nets.spec.frames_per_call or pipe.config.frames_per_call, pipe.nets.spec.device
+    videos, prompts, refs = [], [], []
+    for story in heldout_stories(stories, num_frames, pipe.config.resolution):
+        real = story.clip(range(num_frames))
+        video = real
+        if reconstruct:
+            n = num_frames // L * L
+            x = torch.from_numpy(real[:n]).to(dev).permute(0, 3, 1, 2).unflatten(0, (-1, L))
+            x = x.to(pipe.nets.spec.dtype) / 127.5 - 1.0
+            y = pipe.nets.decode_latents(pipe.nets.encode_frames(x)).flatten(0, 1).float()
+            video = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            real = real[:n]
+        videos.append(video)
+        prompts.append([story.caption(i) for i in range(len(video))])
+        refs.append(real)
+    result = evaluate_videos(videos, prompts, refs, probe)
+    result.update({"mode": "vae" if reconstruct else "real", "num_frames": len(videos[0]), "depth": None})
     return result
