@@ -277,6 +277,8 @@ def add_train(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--depth", type=positive_int, default=3, help="mtd: deepest tree sampled")
     p.add_argument("--save-every", type=positive_int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the clip sampling and the noise (a continuation "
+                   "from --init should use a new one)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds of training in this call")
     p.add_argument("--at-limit", choices=("pause", "finish"), default="pause",
                    help="at the time limit: save and resume later, or end the stage with the steps done")
@@ -299,7 +301,8 @@ def cmd_train(args) -> None:
     from nuwaxl.train.videos import folder_corpus, synthetic_corpus
 
     opts = TrainOptions(args.stage, args.steps, batch=args.batch, lr=args.lr, depth=args.depth,
-                        save_every=args.save_every, time_limit_s=args.time_limit, at_limit=args.at_limit)
+                        save_every=args.save_every, seed=args.seed, time_limit_s=args.time_limit,
+                        at_limit=args.at_limit)
     device = resolve_device(args.device)
     current = Path(args.run) / "models.safetensors"
     if current.is_file():  # an existing run continues with its own weights and architecture

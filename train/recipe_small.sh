@@ -17,10 +17,14 @@ case $PHASE in
     t $MTD --time-limit "$MTD_SECONDS" ;;
   mtd) t $MTD --time-limit "$MTD_SECONDS" ;;
   final) t $MTD --time-limit "$MTD_SECONDS" --at-limit finish --export "$RUN/small-fp16.safetensors" ;;
-  more) t --init "${2:?init checkpoint}" --stage mtd --steps 40000 --batch 64 --lr 2e-4 --save-every 2000 \
+  more) t --init "${2:?init checkpoint}" --stage mtd --steps "${MORE_STEPS:-40000}" --batch 64 --lr "${MORE_LR:-2e-4}" \
+          --seed "${SEED:-0}" --save-every 2000 \
           --time-limit "$MTD_SECONDS" --at-limit finish --export "$RUN/small-fp16.safetensors" ;;
   *) echo "unknown phase $PHASE" >&2; exit 2 ;;
 esac
 # Second session (a fresh machine, so a fresh optimizer): more MTD steps from the first run's final weights, with
 # twice the batch (the step was bound by the host, not the GPU):
 #   RUN=runs/small2 bash train/recipe_small.sh more runs/init/models32.safetensors
+# Third session: a shorter polish from the bundled fp16 weights, new clip seed, lr decaying over the steps that fit:
+#   RUN=runs/small3 MTD_SECONDS=400 MORE_STEPS=2000 MORE_LR=1e-4 SEED=3 bash train/recipe_small.sh more \
+#     nuwaxl/assets/weights/small.safetensors
