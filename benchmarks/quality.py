@@ -17,6 +17,7 @@ import time
 import torch
 
 from nuwaxl.cli import bundled_checkpoint
+from nuwaxl.export.onnx_export import sha256_file
 from nuwaxl.runtime.pipeline import Pipeline
 from nuwaxl.train.evaluate import evaluate_generation, evaluate_reference, load_probe
 
@@ -57,26 +58,29 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--md", default=None)
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps (generate's default)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--frames-budget", type=int, default=4096)
     ap.add_argument("--min-stories", type=int, default=4)
     ap.add_argument("--torch-mode", default="eager", help="eager, cudagraph, ...")
-    ap.add_argument("--guidance", default="1", help="classifier-free guidance scales, comma-separated (each row "
-                    "runs at each)")
+    ap.add_argument("--guidance", default=None, help="classifier-free guidance scales, comma-separated (each row "
+                    "runs at each; default: what the weights recommend)")
     ap.add_argument("--rows", default=None, help="MODE:FRAMES[:DEPTH],... (default: the length table and the "
                     "reference rows)")
     ap.add_argument("--checkpoint", default=None, help="default: the bundled weights")
     args = ap.parse_args()
-    pipe = Pipeline.from_pretrained(args.checkpoint or bundled_checkpoint(), device=args.device, mode=args.torch_mode)
+    checkpoint = args.checkpoint or bundled_checkpoint()
+    pipe = Pipeline.from_pretrained(checkpoint, device=args.device, mode=args.torch_mode)
     probe = load_probe()
     dev = pipe.nets.spec.device
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "git": os.environ.get("NUWAXL_GIT_SHA", "unknown"), "steps": args.steps,
-            "torch_mode": args.torch_mode}
+            "torch_mode": args.torch_mode, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+            "recommended_guidance": pipe.nets.spec.sampling.guidance_scale}
     rows = []
     todo = [(m, n, d, g) for m, n, d in (parse_rows(args.rows) if args.rows else ROWS + REFERENCE)
-            for g in ([None] if m in ("real", "vae") else [float(x) for x in args.guidance.split(",")])]
+            for g in ([None] if m in ("real", "vae") else [float(x) for x in args.guidance.split(",")] if args.guidance
+                                                           else [pipe.nets.spec.sampling.guidance_scale])]
     for mode, n, depth, guidance in todo:
         stories = max(args.min_stories, args.frames_budget // n)
         t0 = time.perf_counter()

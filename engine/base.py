@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from nuwaxl.config import ModelConfig
+from nuwaxl.config import ModelConfig, SamplingDefaults
 from nuwaxl.iospec import IOSpec
 from nuwaxl.tokenizer import PromptTokenizer
 
@@ -37,6 +37,7 @@ class NetworkSpec:
     dtype: torch.dtype
     frames_per_call: int | None = None  # fixed by built engines; None: any L
     backend: str = "torch-eager"
+    sampling: SamplingDefaults = SamplingDefaults()  # what the weights recommend; requests may override
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:  # (c, h, w) of one frame

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nuwaxl.config import ModelConfig
+from nuwaxl.config import ModelConfig, SamplingDefaults
 from nuwaxl.engine.base import EngineNetworks, NetworkSpec
 from nuwaxl.errors import UserError
 from nuwaxl.iospec import NETWORKS, IOSpec
@@ -83,4 +83,5 @@ def load_engines(directory: str | Path, device: str | None = None, torch_mode: s
                             f"{dev.type}; rebuild on this device or pass --device {m['device_type']}")
         engines = {n: AotiEngine(d / "torch" / f"{n}.pt2", specs[n]) for n in NETWORKS}
     tokenizer = PromptTokenizer((d / "tokenizer.json").read_text(encoding="utf-8"), config.text.max_length)
-    return EngineNetworks(engines, tokenizer, NetworkSpec(config, dev, dtype, m["frames_per_call"], backend))
+    sampling = SamplingDefaults.from_dict(m.get("sampling", {}))
+    return EngineNetworks(engines, tokenizer, NetworkSpec(config, dev, dtype, m["frames_per_call"], backend, sampling))

@@ -226,7 +226,8 @@ def torch_networks(models, device: str | None = None, precision: str | None = No
     for name, module in networks(models).items():
         engines[name] = (CudaGraphEngine(module, specs[name], compile=mode == "compile-cudagraph")
                          if mode.endswith("cudagraph") else TorchEngine(module, specs[name], mode))
-    return EngineNetworks(engines, models.tokenizer, NetworkSpec(config, dev, dtype, None, f"torch-{mode}"))
+    return EngineNetworks(engines, models.tokenizer, NetworkSpec(config, dev, dtype, None, f"torch-{mode}",
+                                                                  models.sampling))
 
 
 def from_checkpoint(path, **kw) -> EngineNetworks:

@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nuwaxl.config import ModelConfig
+from nuwaxl.config import ModelConfig, SamplingDefaults
 from nuwaxl.errors import UserError
 from nuwaxl.files import atomic_output
 from nuwaxl.models.text import PromptEncoder
@@ -24,11 +24,14 @@ FORMAT_VERSION = "1"
 
 
 class NuwaModels(nn.Module):
-    """T-KLVAE + Mask 3D-UNet + prompt encoder, with the config and tokenizer that define them."""
+    """T-KLVAE + Mask 3D-UNet + prompt encoder, with the config and tokenizer that define them and the sampling
+    settings recommended for these weights."""
 
-    def __init__(self, config: ModelConfig, tokenizer_json: str | None = None):
+    def __init__(self, config: ModelConfig, tokenizer_json: str | None = None,
+                 sampling: SamplingDefaults | None = None):
         super().__init__()
         self.config = config
+        self.sampling = sampling or SamplingDefaults()
         self.tokenizer = PromptTokenizer(tokenizer_json or default_tokenizer_json(), config.text.max_length)
         if self.tokenizer.vocab_size > config.text.vocab_size:
             raise UserError(f"tokenizer has {self.tokenizer.vocab_size} tokens but text.vocab_size is "
@@ -56,7 +59,7 @@ def save_checkpoint(models: NuwaModels, path: str | os.PathLike, dtype: torch.dt
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in models.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": models.config.to_json(),
-                "tokenizer": models.tokenizer.json}
+                "tokenizer": models.tokenizer.json, "sampling": json.dumps(models.sampling.to_dict())}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -90,15 +93,27 @@ def _config(path, meta: dict[str, str]) -> ModelConfig:
         raise UserError(f"checkpoint {path} has a malformed config ({e})") from None
 
 
+def _sampling(path, meta: dict[str, str]) -> SamplingDefaults:
+    try:
+        return SamplingDefaults.from_dict(json.loads(meta.get("sampling", "{}")))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"checkpoint {path} has malformed sampling defaults ({e})") from None
+
+
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """The checkpoint's config from its header alone: cheap, for validating a request before loading weights."""
     return _config(path, read_metadata(path))
 
 
+def read_sampling(path: str | os.PathLike) -> SamplingDefaults:
+    """The sampling settings the checkpoint recommends (defaults where it names none), from its header alone."""
+    return _sampling(path, read_metadata(path))
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> NuwaModels:
     meta = read_metadata(path)
     config = _config(path, meta)
-    models = NuwaModels(config, meta.get("tokenizer"))
+    models = NuwaModels(config, meta.get("tokenizer"), _sampling(path, meta))
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -115,3 +130,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     models.load_state_dict(state)
     return models.to(device=device, dtype=dtype).eval()
+
+
+def with_sampling(path: str | os.PathLike, out: str | os.PathLike, **defaults) -> Path:
+    """Copy a checkpoint (same weights, same dtype) recommending other sampling settings, e.g. the guidance scale
+    its evaluation chose: `with_sampling("run/small-fp16.safetensors", "small.safetensors", guidance_scale=3.0)`."""
+    models = load_checkpoint(path)
+    models.sampling = SamplingDefaults.from_dict({**models.sampling.to_dict(), **defaults})
+    dtype = next(p.dtype for p in models.parameters())
+    return save_checkpoint(models, out, dtype=dtype)

@@ -147,6 +147,7 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
                 "max_batch": max_batch, "frames_per_call": L, "resolution": config.resolution,
                 "model_config": config.to_dict(), "checkpoint": {"file": ckpt.name, "sha256": ckpt_sha,
                                                                  "source": str(checkpoint or f"preset:{config.name}")},
+                "sampling": models.sampling.to_dict(),
                 "device": str(dev), "device_type": dev.type, "gpu": _gpu_name(dev), "networks": records,
                 "timings_s": {k: round(v, 2) for k, v in timings.items()}, "versions": versions,
                 "created_unix": int(time.time())}

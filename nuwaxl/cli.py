@@ -77,7 +77,8 @@ def add_generate(sub) -> None:
     p.add_argument("--ar-context", type=positive_int, default=1, help="AR: frames carried into the next window")
     p.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off "
+                   "(default: what the weights recommend: 3 for the bundled ones, 1 for random weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=positive_int, default=None, help="frame size in px (default: the model's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -97,10 +98,10 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> None:
-    from nuwaxl.config import ModelConfig, preset
+    from nuwaxl.config import ModelConfig, SamplingDefaults, preset
     from nuwaxl.engine.directory import read_manifest
     from nuwaxl.engine.torch_backend import resolve_device
-    from nuwaxl.models.checkpoint import read_config
+    from nuwaxl.models.checkpoint import read_config, read_sampling
     from nuwaxl.runtime.distributed import init_from_env, world
     from nuwaxl.runtime.pipeline import Pipeline, prepare
     from nuwaxl.runtime.video import check_writable, sheet_rows, tree_sheet, write_mp4, write_png
@@ -122,16 +123,19 @@ def cmd_generate(args) -> None:
                                 f"drop {flag} or rebuild with trt-nuwaxl build {flag} {asked}")
         frames_per_call = manifest["frames_per_call"]
         checkpoint = None
+        sampling = SamplingDefaults.from_dict(manifest.get("sampling", {}))
     else:
         if args.torch_mode == "aoti":
             raise UserError("--torch-mode aoti needs --engines DIR built with --backend torch")
         checkpoint = chosen_checkpoint(args)
         config = read_config(checkpoint) if checkpoint else preset(args.preset or "small")
+        sampling = read_sampling(checkpoint) if checkpoint else SamplingDefaults()
         if args.resolution:
             config = config.with_resolution(args.resolution)
     # Everything about the request is checked before any weights are built or loaded.
     request = prepare(config, prompts, args.frames, num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
-                      frames_per_call=frames_per_call, depth=args.depth, guidance_scale=args.guidance,
+                      frames_per_call=frames_per_call, depth=args.depth,
+                      guidance_scale=sampling.guidance_scale if args.guidance is None else args.guidance,
                       sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch, order=args.order,
                       memory_budget_gib=args.memory_budget)
     args.device = init_from_env(args.device)  # under torchrun: join the group, one GPU per rank
@@ -156,6 +160,7 @@ def cmd_generate(args) -> None:
         return
     print(f"{args.frames} frames, mode {plan.mode}, L={plan.frames_per_call}, depth {plan.depth}, "
           f"calls per level {[len(level) for level in plan.levels]}, {args.steps} {args.sampler} steps, "
+          f"guidance {request.options.guidance_scale:g}, "
           f"{pipe.nets.spec.backend} on {pipe.nets.spec.device} {str(pipe.nets.spec.dtype).removeprefix('torch.')}",
           file=sys.stderr)
     draw_sheet = sheet is not None and plan.mode == "dod"  # an AR "tree" is just a chain of windows
@@ -335,8 +340,9 @@ def add_eval(sub) -> None:
     p.add_argument("--mode", choices=("dod", "ar"), default="dod")
     p.add_argument("--depth", type=positive_int, default=None)
     p.add_argument("--stories", type=positive_int, default=4, help="held-out stories generated")
-    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (as generate)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off "
+                   "(default: what the weights recommend)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--probe", default=None, help="frame probe weights (default: bundled)")

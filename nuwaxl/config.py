@@ -73,6 +73,30 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling settings a checkpoint recommends for its own weights (like transformers' generation config);
+    a request's explicit values win. Carried in checkpoint metadata and engine manifests, not in ModelConfig:
+    they change no shapes and no engine."""
+
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
+
+    def __post_init__(self) -> None:
+        if not self.guidance_scale >= 1.0:
+            raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1 (1 disables guidance)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingDefaults:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"unknown sampling defaults {sorted(unknown)}: written by a newer trt-nuwaxl?")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     resolution: int = 128  # pixels, square frames

@@ -122,6 +122,8 @@ class Pipeline:
                 raise UserError(f"these engines were built for L={fixed} frames per call, not {asked}; "
                                 f"omit frames_per_call or rebuild with -L {asked}")
             kwargs["frames_per_call"] = fixed
+        if kwargs.get("guidance_scale") is None:  # the weights' recommendation (1 = off for random weights)
+            kwargs["guidance_scale"] = self.nets.spec.sampling.guidance_scale
         return prepare(self.config, prompts, num_frames, **kwargs)
 
     def iter_frames(self, prompts: list[str] | str, num_frames: int, progress: bool = True,

@@ -36,6 +36,16 @@ def test_generate_from_checkpoint_ar_mode(tmp_path):
     assert read_mp4(out).shape[0] == 20
 
 
+@pytest.mark.parametrize("flags, shown", [([], "guidance 3,"), (["--guidance", "1"], "guidance 1,")])
+def test_generate_uses_the_bundled_weights_and_their_guidance(flags, shown, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--frames", "16", "--steps", "1", "--quiet", "--sheet", "none", "--out", str(out),
+                 *flags]) == 0
+    err = capsys.readouterr().err
+    assert shown in err and "random weights" not in err, err
+    assert read_mp4(out).shape == (16, 64, 64, 3)
+
+
 def test_console_script_runs(tmp_path):
     script = Path(sys.executable).parent / "trt-nuwaxl"
     out = tmp_path / "v.mp4"

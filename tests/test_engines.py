@@ -178,6 +178,21 @@ def test_engine_dir_batches_larger_than_built_are_split(ort_dir):
     torch.testing.assert_close(split[-1:], nets.encode_frames(video[-1:]))
 
 
+def test_engine_directory_carries_the_sampling_defaults(ort_dir, tmp_path):
+    from nuwaxl.runtime.pipeline import Pipeline
+
+    assert read_manifest(ort_dir)["sampling"] == {"guidance_scale": 1.0}  # random weights: no guidance
+    tuned = tmp_path / "tuned"
+    shutil.copytree(ort_dir, tuned)
+    m = read_manifest(tuned)
+    (tuned / "engines.json").write_text(json.dumps({**m, "sampling": {"guidance_scale": 2.5}}))
+    pipe = Pipeline.from_engines(tuned, device="cpu")
+    assert pipe.prepare(["a cat"], num_frames=16).options.guidance_scale == 2.5
+    (tuned / "engines.json").write_text(json.dumps({**m, "sampling": {"guidance": 2.5}}))
+    with pytest.raises(UserError, match=r"unknown sampling defaults \['guidance'\]"):
+        load_engines(tuned, device="cpu")
+
+
 def test_engine_directory_errors(ort_dir, tmp_path, capsys):
     with pytest.raises(UserError, match="engine directory not found"):
         read_manifest(tmp_path / "nope")

@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from nuwaxl.config import PRESETS, UNetConfig, VAEConfig, preset
+from nuwaxl.config import PRESETS, SamplingDefaults, UNetConfig, VAEConfig, preset
 from nuwaxl.errors import UserError
-from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
+from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, read_sampling, save_checkpoint, with_sampling
 from nuwaxl.models.unet import ConditionInjection, MaskUNet3D
 from nuwaxl.models.vae import TKLVAE
 
@@ -162,6 +162,27 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b), k
     half = load_checkpoint(save_checkpoint(m, tmp_path / "half.safetensors", dtype=torch.float16))
     assert next(half.unet.parameters()).dtype == torch.float16
+
+
+def test_checkpoint_carries_its_sampling_defaults(tmp_path):
+    m = NuwaModels.random(TINY, seed=3)
+    plain = save_checkpoint(m, tmp_path / "plain.safetensors", dtype=torch.float16)
+    assert read_sampling(plain) == SamplingDefaults() and SamplingDefaults().guidance_scale == 1.0
+    tuned = with_sampling(plain, tmp_path / "tuned.safetensors", guidance_scale=2.5)
+    assert read_sampling(tuned).guidance_scale == 2.5 and load_checkpoint(tuned).sampling.guidance_scale == 2.5
+    a, b = load_checkpoint(plain), load_checkpoint(tuned)  # same weights, same dtype
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert next(b.parameters()).dtype == torch.float16
+    with pytest.raises(UserError, match="guidance_scale=0.5 must be >= 1"):
+        with_sampling(plain, tmp_path / "bad.safetensors", guidance_scale=0.5)
+    with pytest.raises(UserError, match=r"unknown sampling defaults \['temperature'\]"):
+        SamplingDefaults.from_dict({"temperature": 2.0})
+
+
+def test_bundled_weights_recommend_guidance():
+    from nuwaxl.cli import bundled_checkpoint
+
+    assert read_sampling(bundled_checkpoint()).guidance_scale > 1.0  # chosen by benchmarks/quality.py
 
 
 def test_random_weights_are_deterministic():

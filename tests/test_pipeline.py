@@ -78,6 +78,20 @@ def test_ar_baseline_generates_every_frame_once(tiny_pipe):
     assert [len(level) for level in out.plan.levels] == [1] * 7  # 8 + 6 * 6 >= 40
 
 
+def test_guidance_defaults_to_what_the_checkpoint_recommends(tmp_path):
+    from nuwaxl.config import preset
+    from nuwaxl.models.checkpoint import NuwaModels, save_checkpoint, with_sampling
+    from nuwaxl.runtime.pipeline import Pipeline
+
+    plain = save_checkpoint(NuwaModels.random(preset("tiny")), tmp_path / "plain.safetensors")
+    tuned = with_sampling(plain, tmp_path / "tuned.safetensors", guidance_scale=2.5)
+    kw = dict(num_frames=16, frames_per_call=8)
+    assert Pipeline.from_pretrained(plain, device="cpu").prepare(STORY, **kw).options.guidance_scale == 1.0
+    pipe = Pipeline.from_pretrained(tuned, device="cpu")
+    assert pipe.prepare(STORY, **kw).options.guidance_scale == 2.5
+    assert pipe.prepare(STORY, guidance_scale=1.0, **kw).options.guidance_scale == 1.0
+
+
 def test_guidance_runs_as_one_batched_call(tiny_pipe):
     calls = []
     denoiser = tiny_pipe.nets.denoiser

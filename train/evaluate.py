@@ -227,10 +227,12 @@ if __name__ == "__main__":  # retrain the bundled probe and print its accuracy o
 
 
 def evaluate_generation(pipe, num_frames: int, mode: str = "dod", depth: int | None = None, stories: int = 4,
-                        steps: int = 50, seed: int = 0, probe: FrameProbe | None = None,
-                        progress: bool = True, guidance_scale: float = 1.0) -> dict:
+                        steps: int = 25, seed: int = 0, probe: FrameProbe | None = None,
+                        progress: bool = True, guidance_scale: float | None = None) -> dict:
     """Generate `stories` held-out stories (their per-frame captions as prompts) with a pipeline and score them
-    against the real renderings of the same stories."""
+    against the real renderings of the same stories (guidance: default, what the weights recommend)."""
+    if guidance_scale is None:
+        guidance_scale = pipe.nets.spec.sampling.guidance_scale
     res = pipe.config.resolution
     videos, prompts, refs = [], [], []
     for story in tqdm(heldout_stories(stories, num_frames, res), desc=f"{mode} {num_frames}f", disable=not progress):
