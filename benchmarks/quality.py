@@ -42,12 +42,13 @@ def parse_rows(text: str) -> list[tuple[str, int, int | None]]:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     head = ("| mode | depth | guidance | frames | stories | Avg-FD | Block-FD-16 | attribute acc. | location acc. | "
-            "characters acc. | character recall (quarters 1-4) |\n" + "| --- " * 11 + "|\n")
+            "characters acc. | character recall (quarters 1-4) | Avg-FD (quarters 1-4) |\n" + "| --- " * 12 + "|\n")
     lines = [f"| {r['mode'].upper()} | {r['depth'] or ('min' if r['mode'] == 'dod' else '-')} | "
              f"{r.get('guidance_scale', '-')} | {r['num_frames']} | "
              f"{r['videos']} | {r['avg_fd']:.1f} | {r['block_fd_16']:.1f} | {100 * r['attribute_accuracy']:.1f}% | "
              f"{100 * r['location_accuracy']:.1f}% | {100 * r['characters_accuracy']:.1f}% | "
-             + " / ".join(f"{100 * q:.0f}%" for q in r["character_recall_by_quarter"]) + " |" for r in rows]
+             + " / ".join(f"{100 * q:.0f}%" for q in r["character_recall_by_quarter"]) + " | "
+             + " / ".join(f"{q:.0f}" for q in r["avg_fd_by_quarter"]) + " |" for r in rows]
     return (f"# Quality against length, bundled `small` weights, held-out stories\n\n{meta['device']}, torch "
             f"{meta['torch']}, git {meta['git']}, {meta['steps']} DDIM steps. Lower FD is better. Metrics: "
             "`train/evaluate.py`. REAL and VAE rows: the probe on the stories' real frames and on their T-KLVAE "

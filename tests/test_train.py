@@ -167,6 +167,27 @@ def test_bundled_probe_recognises_real_frames():
     assert scores["attribute_accuracy"] > 0.9 and abs(scores["avg_fd"]) < 1e-3
 
 
+def test_fd_by_quarter_shows_where_a_video_decays():
+    videos = synthetic_corpus(1000, 2, 120, 64)
+    real = [v.frames for v in videos]
+    decayed = [f.copy() for f in real]
+    for f in decayed:  # the last quarter replaced by noise
+        f[90:] = np.random.default_rng(0).integers(0, 255, f[90:].shape, dtype=np.uint8)
+    fd = evaluate_videos(decayed, [v.captions for v in videos], real, load_probe())["avg_fd_by_quarter"]
+    assert max(fd[:3]) < 1e-3 and fd[3] > 100, fd
+
+
+def test_reference_rows_score_real_frames_and_their_reconstructions():
+    from nuwaxl.runtime.pipeline import Pipeline
+    from nuwaxl.train.evaluate import evaluate_reference
+
+    pipe = Pipeline.from_preset("tiny", device="cpu")
+    real = evaluate_reference(pipe, 40, stories=1, reconstruct=False)
+    assert real["mode"] == "real" and real["num_frames"] == 40 and abs(real["avg_fd"]) < 1e-3
+    vae = evaluate_reference(pipe, 40, stories=1)  # random tiny T-KLVAE: only whole clips of L=16 frames
+    assert vae["mode"] == "vae" and vae["num_frames"] == 32 and vae["avg_fd"] > 1.0
+
+
 def test_eval_of_noise_scores_low_and_cli_writes_json(tmp_path, capsys):
     videos = synthetic_corpus(1000, 1, 32, 64)
     noise = [np.random.default_rng(0).integers(0, 255, v.frames.shape, dtype=np.uint8) for v in videos]

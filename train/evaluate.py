@@ -3,7 +3,9 @@
 The probe (a small CNN on 64x64 frames) predicts a frame's location and which characters are on screen; its
 penultimate features stand in for Inception features in Frechet distances:
 
-- Avg-FD: Frechet distance between the features of generated frames and of real frames (the paper's Avg-FID);
+- Avg-FD: Frechet distance between the features of generated frames and of real frames (the paper's Avg-FID),
+  also per quarter of the videos (generated frames of quarter q against real frames of quarter q): decay along a
+  video shows as a rising FD;
 - Block-FD-16: the same over 16-frame blocks (mean features and mean absolute frame-to-frame change), standing in
   for B-FVD-16;
 - caption-attribute accuracy: per frame, is the location the prompt names predicted, and is the predicted set of
@@ -207,6 +209,10 @@ def evaluate_videos(videos: list[np.ndarray], prompts: list[list[str]], referenc
     gen_b = np.concatenate([block_features(g["features"]) for g in gen])
     ref_b = np.concatenate([block_features(r["features"]) for r in ref])
     out["block_fd_16"] = frechet(gen_b, ref_b) if len(gen_b) > 2 and len(ref_b) > 2 else float("nan")
+    out["avg_fd_by_quarter"] = [frechet(*(np.concatenate([f["features"][q * len(f["features"]) // 4:
+                                                                     (q + 1) * len(f["features"]) // 4] for f in fs])
+                                          for fs in (gen, ref)))
+                                for q in range(4)]
     return out
 
 
