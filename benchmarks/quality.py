@@ -25,7 +25,7 @@ from nuwaxl.train.evaluate import evaluate_generation, evaluate_reference, load_
 # and 256 frames, 1 at 16), so the depth rows add depth 1 and 2 where they reach, and depth 3 at 16 frames.
 ROWS = [(m, n, None) for n in (1024, 256, 16) for m in ("dod", "ar")] + \
        [("dod", 226, 2), ("dod", 16, 2), ("dod", 16, 3)]
-# The ceilings: the probe on the real frames, and on their T-KLVAE reconstructions (a perfect MTD).
+# References: the probe on the real frames, and on their T-KLVAE reconstructions (what the latent can represent).
 REFERENCE = [("real", 256, None), ("vae", 256, None)]
 
 
@@ -52,7 +52,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return (f"# Quality against length, bundled `small` weights, held-out stories\n\n{meta['device']}, torch "
             f"{meta['torch']}, git {meta['git']}, {meta['steps']} DDIM steps. Lower FD is better. Metrics: "
             "`train/evaluate.py`. REAL and VAE rows: the probe on the stories' real frames and on their T-KLVAE "
-            "reconstructions (the ceiling for generation).\n\n" + head + "\n".join(lines) + "\n")
+            "reconstructions (references for generation).\n\n" + head + "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -79,9 +79,10 @@ def main() -> None:
             "torch_mode": args.torch_mode, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
             "recommended_guidance": pipe.nets.spec.sampling.guidance_scale}
     rows = []
+    scales = ([float(x) for x in args.guidance.split(",")] if args.guidance
+              else [pipe.nets.spec.sampling.guidance_scale])
     todo = [(m, n, d, g) for m, n, d in (parse_rows(args.rows) if args.rows else ROWS + REFERENCE)
-            for g in ([None] if m in ("real", "vae") else [float(x) for x in args.guidance.split(",")] if args.guidance
-                                                           else [pipe.nets.spec.sampling.guidance_scale])]
+            for g in ([None] if m in ("real", "vae") else scales)]
     for mode, n, depth, guidance in todo:
         stories = max(args.min_stories, args.frames_budget // n)
         t0 = time.perf_counter()

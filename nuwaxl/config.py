@@ -81,8 +81,8 @@ class SamplingDefaults:
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
 
     def __post_init__(self) -> None:
-        if not self.guidance_scale >= 1.0:
-            raise UserError(f"guidance_scale={self.guidance_scale} must be >= 1 (1 disables guidance)")
+        if not isinstance(self.guidance_scale, (int, float)) or not self.guidance_scale >= 1.0:
+            raise UserError(f"guidance_scale={self.guidance_scale!r} must be a number >= 1 (1 disables guidance)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -173,8 +173,10 @@ def test_checkpoint_carries_its_sampling_defaults(tmp_path):
     a, b = load_checkpoint(plain), load_checkpoint(tuned)  # same weights, same dtype
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert next(b.parameters()).dtype == torch.float16
-    with pytest.raises(UserError, match="guidance_scale=0.5 must be >= 1"):
+    with pytest.raises(UserError, match="guidance_scale=0.5 must be a number >= 1"):
         with_sampling(plain, tmp_path / "bad.safetensors", guidance_scale=0.5)
+    with pytest.raises(UserError, match="guidance_scale='3' must be a number >= 1"):
+        SamplingDefaults.from_dict({"guidance_scale": "3"})
     with pytest.raises(UserError, match=r"unknown sampling defaults \['temperature'\]"):
         SamplingDefaults.from_dict({"temperature": 2.0})
 

@@ -257,9 +257,9 @@ def evaluate_generation(pipe, num_frames: int, mode: str = "dod", depth: int | N
 @torch.no_grad()
 def evaluate_reference(pipe, num_frames: int, stories: int = 4, reconstruct: bool = True,
                        probe: FrameProbe | None = None) -> dict:
-    """The ceiling generation is measured against: the same held-out stories' real frames (reconstruct=False: the
-    probe's own accuracy) or their T-KLVAE reconstructions in consecutive clips of L frames (what a perfect MTD
-    would give)."""
+    """References for generation's scores: the same held-out stories' real frames (reconstruct=False: the probe's
+    own accuracy) or their T-KLVAE reconstructions in consecutive clips of L frames (what the latent space can
+    represent)."""
     L, dev = pipe.nets.spec.frames_per_call or pipe.config.frames_per_call, pipe.nets.spec.device
     videos, prompts, refs = [], [], []
     for story in heldout_stories(stories, num_frames, pipe.config.resolution):
