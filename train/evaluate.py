@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from nuwaxl.errors import UserError
 from nuwaxl.files import atomic_output
+from nuwaxl.runtime.executor import uint8_frames
 from nuwaxl.train.data import CAST, LOCATIONS, LongVideo
 
 PROBE_RES = 64
@@ -157,6 +158,11 @@ def block_features(features: np.ndarray, block: int = 16) -> np.ndarray:
     return np.concatenate([f.mean(1), np.abs(np.diff(f, axis=1)).mean(1)], 1)
 
 
+def quarter(seq, q: int):
+    """The q-th (0-3) quarter of a video's per-frame sequence."""
+    return seq[q * len(seq) // 4: (q + 1) * len(seq) // 4]
+
+
 @dataclass
 class VideoScores:
     location_accuracy: float
@@ -168,13 +174,12 @@ class VideoScores:
 
 def score_video(probe_out: dict[str, np.ndarray], prompts: list[str]) -> VideoScores:
     """Ground-truth checks of one video against its per-frame prompts."""
-    n = len(prompts)
     parsed = [parse_caption(p) for p in prompts]
     loc_ok = [probe_out["location"][i] == loc for i, (loc, _) in enumerate(parsed) if loc is not None]
     char_ok = [frozenset(np.flatnonzero(probe_out["characters"][i]).tolist()) == chars
                for i, (_, chars) in enumerate(parsed)]
     hits = [[bool(probe_out["characters"][i][c]) for c in chars] for i, (_, chars) in enumerate(parsed)]
-    quarters = [[h for i in range(q * n // 4, (q + 1) * n // 4) for h in hits[i]] for q in range(4)]
+    quarters = [[h for hs in quarter(hits, q) for h in hs] for q in range(4)]
     flat = [h for hs in hits for h in hs]
     loc_acc = float(np.mean(loc_ok)) if loc_ok else float("nan")
     char_acc = float(np.mean(char_ok))
@@ -209,10 +214,8 @@ def evaluate_videos(videos: list[np.ndarray], prompts: list[list[str]], referenc
     gen_b = np.concatenate([block_features(g["features"]) for g in gen])
     ref_b = np.concatenate([block_features(r["features"]) for r in ref])
     out["block_fd_16"] = frechet(gen_b, ref_b) if len(gen_b) > 2 and len(ref_b) > 2 else float("nan")
-    out["avg_fd_by_quarter"] = [frechet(*(np.concatenate([f["features"][q * len(f["features"]) // 4:
-                                                                     (q + 1) * len(f["features"]) // 4] for f in fs])
-                                          for fs in (gen, ref)))
-                                for q in range(4)]
+    out["avg_fd_by_quarter"] = [frechet(np.concatenate([quarter(g["features"], q) for g in gen]),
+                                        np.concatenate([quarter(r["features"], q) for r in ref])) for q in range(4)]
     return out
 
 
@@ -270,7 +273,7 @@ def evaluate_reference(pipe, num_frames: int, stories: int = 4, reconstruct: boo
             x = torch.from_numpy(real[:n]).to(dev).permute(0, 3, 1, 2).unflatten(0, (-1, L))
             x = x.to(pipe.nets.spec.dtype) / 127.5 - 1.0
             y = pipe.nets.decode_latents(pipe.nets.encode_frames(x)).flatten(0, 1).float()
-            video = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            video = uint8_frames(y).cpu().numpy()
             real = real[:n]
         videos.append(video)
         prompts.append([story.caption(i) for i in range(len(video))])
