@@ -18,7 +18,7 @@ STORY = ["a red caveman walks out of his stone house", "a blue dinosaur runs acr
 
 
 def compare(mode: str, steps: int, frames: int) -> dict:
-    pipe = Pipeline.from_preset("paper", device="cuda", mode=mode)
+    pipe = Pipeline.from_preset("paper", device="cuda", torch_mode=mode)
     kw = dict(num_frames=frames, frames_per_call=16, num_inference_steps=steps, seed=1, progress=False)
     whole = pipe(STORY, **kw).frames
     single = pipe(STORY, max_batch=1, **kw).frames

@@ -32,7 +32,7 @@ def main() -> None:
                           "mean_abs_uint8": float(d.mean()), "files": args.compare}))
         return
     device = init_from_env("cuda")
-    pipe = Pipeline.from_preset("paper", device=device, mode=args.mode)
+    pipe = Pipeline.from_preset("paper", device=device, torch_mode=args.mode)
     out = pipe(STORY, num_frames=256, num_inference_steps=10, seed=5, progress=False)
     if world()[0] == 0:
         np.save(args.out, out.frames)

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from nuwaxl.cli import bundled_checkpoint
 from nuwaxl.export.onnx_export import sha256_file
+from nuwaxl.models.checkpoint import bundled_checkpoint
 from nuwaxl.runtime.pipeline import Pipeline
 from nuwaxl.train.evaluate import evaluate_generation, evaluate_reference, load_probe
 
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="default: the bundled weights")
     args = ap.parse_args()
     checkpoint = args.checkpoint or bundled_checkpoint()
-    pipe = Pipeline.from_pretrained(checkpoint, device=args.device, mode=args.torch_mode)
+    pipe = Pipeline.from_pretrained(checkpoint, device=args.device, torch_mode=args.torch_mode)
     probe = load_probe()
     dev = pipe.nets.spec.device
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",

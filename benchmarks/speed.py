@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
+from nuwaxl.dtypes import precision_name
 from nuwaxl.iospec import io_specs
 from nuwaxl.runtime.distributed import init_from_env, world
 from nuwaxl.runtime.pipeline import Pipeline
 
-PEAK_TFLOPS = {"H200": 790.0, "H100": 798.0}  # dense fp16/bf16 matmul, measured here (FACTS.md)
+PEAK_TFLOPS = {"H200": 790.0, "H100": 798.0}  # dense fp16/bf16 matmul TFLOP/s, measured on our GPUs (README "Speed")
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def flops_per_item(pipe: Pipeline, frames_per_call: int) -> dict[str, float]:
     from nuwaxl.export.onnx_export import sample_inputs
 
     nets, spec = pipe.nets, pipe.nets.spec
-    specs = io_specs(spec.config, "fp16" if spec.dtype == torch.float16 else "fp32", 1, frames_per_call)
+    specs = io_specs(spec.config, precision_name(spec.dtype), 1, frames_per_call)
     out = {}
     for name, engine in nets.engines.items():
         feeds = sample_inputs(specs[name], 1, spec.device, spec.dtype, spec.config.text.vocab_size,
@@ -212,7 +213,7 @@ def main() -> None:
         key = (s.preset, s.resolution)
         if key not in pipes:
             pipes[key] = Pipeline.from_preset(s.preset, device=str(device), resolution=s.resolution,
-                                              mode=args.backend)
+                                              torch_mode=args.backend)
         pipe = pipes[key]
         per_item = flops_per_item(pipe, s.frames_per_call)
         row = run_scenario(pipe, s, per_item, peak)

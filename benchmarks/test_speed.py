@@ -25,7 +25,7 @@ def test_generation_speed(benchmark, scenario):
     if key not in PIPES:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         PIPES[key] = Pipeline.from_preset(scenario.preset, device=device, resolution=scenario.resolution,
-                                          mode=BACKEND)
+                                          torch_mode=BACKEND)
     pipe = PIPES[key]
     run_once(pipe, replace(scenario, repeats=1))  # warm-up outside the timed rounds
     result = benchmark.pedantic(run_once, args=(pipe, scenario), rounds=scenario.repeats, iterations=1)

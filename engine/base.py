@@ -14,11 +14,9 @@ from typing import Protocol
 
 import torch
 
-from nuwaxl.config import ModelConfig, SamplingDefaults
+from nuwaxl.config import RANDOM_WEIGHTS, ModelConfig, SamplingDefaults, TrainingRecord
 from nuwaxl.iospec import IOSpec
 from nuwaxl.tokenizer import PromptTokenizer
-
-TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int64": torch.int64}
 
 
 class Engine(Protocol):
@@ -38,6 +36,7 @@ class NetworkSpec:
     frames_per_call: int | None = None  # fixed by built engines; None: any L
     backend: str = "torch-eager"
     sampling: SamplingDefaults = SamplingDefaults()  # what the weights recommend; requests may override
+    trained_on: TrainingRecord = RANDOM_WEIGHTS  # what the weights were trained on (resolution, words)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:  # (c, h, w) of one frame

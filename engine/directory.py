@@ -15,38 +15,83 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from nuwaxl.config import ModelConfig, SamplingDefaults
+from nuwaxl.config import ModelConfig, SamplingDefaults, TrainingRecord, WeightsCard
+from nuwaxl.dtypes import torch_dtype
 from nuwaxl.engine.base import EngineNetworks, NetworkSpec
-from nuwaxl.errors import UserError
-from nuwaxl.iospec import NETWORKS, IOSpec
+from nuwaxl.engine.registry import BACKENDS, ENGINE_TORCH_MODES
+from nuwaxl.errors import UserError, option
+from nuwaxl.iospec import NETWORKS, IOSpec, io_specs
 from nuwaxl.tokenizer import PromptTokenizer
 
-FORMAT, FORMAT_VERSION, MANIFEST = "nuwaxl-engines", 1, "engines.json"
-BACKENDS = ("tensorrt", "onnxruntime", "torch")
-TORCH_MODES = ("aoti", "eager", "compile", "cudagraph", "compile-cudagraph")
+FORMAT, FORMAT_VERSION, MANIFEST = "nuwaxl-engines", 2, "engines.json"
+
+
+def build_hint(directory: str | Path) -> str:
+    """How to make an engine directory here: from the bundled trained weights (not a preset's random ones)."""
+    return f"build one with: trt-nuwaxl build --backend onnxruntime --precision fp32 --out {directory}"
 
 
 def read_manifest(directory: str | Path) -> dict:
     d = Path(directory)
-    fix = f"build one with: trt-nuwaxl build --preset small --backend onnxruntime --out {d}"
     if not d.is_dir():
-        raise UserError(f"engine directory not found: {d}; {fix}")
+        raise UserError(f"engine directory not found: {d}; {build_hint(d)}")
     path = d / MANIFEST
     if not path.is_file():
-        raise UserError(f"{d} has no {MANIFEST}: not an engine directory, or an interrupted build; {fix}")
+        raise UserError(f"{d} has no {MANIFEST}: not an engine directory, or an interrupted build; {build_hint(d)}")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is corrupt ({e}); rebuild with trt-nuwaxl build --force --out {d}") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} is format {manifest.get('format')!r} v{manifest.get('format_version')}, this "
-                        f"trt-nuwaxl reads {FORMAT!r} v{FORMAT_VERSION}; rebuild with trt-nuwaxl build --force")
+                        f"trt-nuwaxl reads {FORMAT!r} v{FORMAT_VERSION}; rebuild with trt-nuwaxl build --force "
+                        f"--out {d}")
     missing = [n for n in NETWORKS if n not in manifest.get("networks", {})]
     if missing or manifest.get("backend") not in BACKENDS:
         raise UserError(f"{path} lacks networks {missing} or names an unknown backend; rebuild with --force")
     return manifest
+
+
+def trained_on(manifest: dict) -> TrainingRecord:
+    return TrainingRecord.from_dict(manifest.get("trained_on", {}))
+
+
+def read_card(directory: str | Path) -> WeightsCard:
+    """What an engine directory says of its weights, from its manifest alone (no engine is opened)."""
+    d = Path(directory)
+    m = read_manifest(d)
+    config = ModelConfig.from_dict(m["model_config"])
+    tokenizer = d / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise UserError(f"{tokenizer} is missing; rebuild with trt-nuwaxl build --force --out {d}")
+    return WeightsCard(f"engines {d}", config, SamplingDefaults.from_dict(m.get("sampling", {})),
+                       trained_on(m), tokenizer.read_text(encoding="utf-8"), m["frames_per_call"],
+                       m["precision"])
+
+
+def check_files(directory: Path, manifest: dict) -> dict[str, IOSpec]:
+    """Engine files against their manifest: present, of the recorded size, and I/O specs that the manifest's own
+    model config gives. A mismatch means the directory was edited or damaged after the build."""
+    config = ModelConfig.from_dict(manifest["model_config"])
+    stored = {n: IOSpec.from_dict(manifest["networks"][n]["io_spec"]) for n in NETWORKS}
+    expected = io_specs(config, manifest["precision"], manifest["max_rows"], manifest["frames_per_call"])
+    fix = f"rebuild with trt-nuwaxl build --force --out {directory}"
+    for name in NETWORKS:
+        if stored[name] != expected[name]:
+            got = {t.name: t.shape for t in stored[name].inputs + stored[name].outputs}
+            want = {t.name: t.shape for t in expected[name].inputs + expected[name].outputs}
+            diff = next((k for k in want if got.get(k) != want[k]), name)
+            raise UserError(f"{directory / MANIFEST}: its model_config gives {name} tensor {diff!r} the shape "
+                            f"{want.get(diff)}, but the engine was built for {got.get(diff)}: the manifest was edited "
+                            f"or damaged; {fix}")
+        for rel, size in manifest["networks"][name].get("files", {}).items():
+            path = directory / rel
+            if not path.is_file():
+                raise UserError(f"engine file missing: {path}; {fix}")
+            if path.stat().st_size != size:
+                raise UserError(f"{path} has {path.stat().st_size} bytes but was built with {size}: it changed "
+                                f"after the build; {fix}")
+    return stored
 
 
 def load_engines(directory: str | Path, device: str | None = None, torch_mode: str = "aoti") -> EngineNetworks:
@@ -55,18 +100,19 @@ def load_engines(directory: str | Path, device: str | None = None, torch_mode: s
 
     d = Path(directory)
     m = read_manifest(d)
-    config = ModelConfig.from_dict(m["model_config"])
+    card = read_card(d)
+    config = card.config
     backend, precision = m["backend"], m["precision"]
     dev = resolve_device(device or m["device"])
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    specs = {n: IOSpec.from_dict(m["networks"][n]["io_spec"]) for n in NETWORKS}
-    if torch_mode not in TORCH_MODES:
-        raise UserError(f"unknown torch mode {torch_mode!r}; use one of {', '.join(TORCH_MODES)}")
+    dtype = torch_dtype(precision)
+    if torch_mode not in ENGINE_TORCH_MODES:
+        raise UserError(f"unknown torch mode {torch_mode!r}; use one of {', '.join(ENGINE_TORCH_MODES)}")
     if backend == "torch" and torch_mode != "aoti":  # live modules from the directory's checkpoint
         from nuwaxl.engine.torch_backend import from_checkpoint
 
         return from_checkpoint(d / "checkpoint.safetensors", device=str(dev), precision=precision,
-                               resolution=config.resolution, mode=torch_mode)
+                               resolution=config.resolution, torch_mode=torch_mode)
+    specs = check_files(d, m)
     if backend == "onnxruntime":
         from nuwaxl.engine.onnxruntime_backend import OrtEngine
 
@@ -80,8 +126,8 @@ def load_engines(directory: str | Path, device: str | None = None, torch_mode: s
 
         if dev.type != m["device_type"]:
             raise UserError(f"the AOTInductor packages in {d} were compiled for {m['device_type']}, not "
-                            f"{dev.type}; rebuild on this device or pass --device {m['device_type']}")
+                            f"{dev.type}; rebuild on this device or use {option('device', m['device_type'])}")
         engines = {n: AotiEngine(d / "torch" / f"{n}.pt2", specs[n]) for n in NETWORKS}
-    tokenizer = PromptTokenizer((d / "tokenizer.json").read_text(encoding="utf-8"), config.text.max_length)
-    sampling = SamplingDefaults.from_dict(m.get("sampling", {}))
-    return EngineNetworks(engines, tokenizer, NetworkSpec(config, dev, dtype, m["frames_per_call"], backend, sampling))
+    tokenizer = PromptTokenizer(card.tokenizer_json, config.text.max_length)
+    return EngineNetworks(engines, tokenizer, NetworkSpec(config, dev, dtype, m["frames_per_call"], backend,
+                                                          card.sampling, card.trained_on))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nuwaxl.engine.base import TORCH_DTYPES
+from nuwaxl.dtypes import TORCH_DTYPES
 from nuwaxl.errors import UserError
 from nuwaxl.iospec import IOSpec
 
@@ -44,7 +44,7 @@ class OrtEngine:
                 raise UserError("the installed onnxruntime has no CUDA provider; install onnxruntime-gpu "
                                 "(in place of onnxruntime) or run on --device cpu")
             if hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()  # use the CUDA / cuDNN libraries that torch ships (FACTS.md)
+                ort.preload_dlls()  # use the CUDA / cuDNN libraries that torch ships (ORT >= 1.21)
             stream = torch.cuda.current_stream(device).cuda_stream  # run on torch's stream: ordered, no host sync
             providers = [("CUDAExecutionProvider", {"device_id": device.index or 0,
                                                     "user_compute_stream": str(stream)}), "CPUExecutionProvider"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nuwaxl.engine.base import TORCH_DTYPES
+from nuwaxl.dtypes import TORCH_DTYPES
 from nuwaxl.errors import UserError
 from nuwaxl.files import write_bytes, write_text
 from nuwaxl.iospec import IOSpec
@@ -36,12 +36,6 @@ trt, LIB = _import()
 # Compute capabilities TensorRT-RTX builds for (its ComputeCapability enum); Hopper (9.0) is not among them.
 RTX_TARGETS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm120": (12, 0), "sm121": (12, 1)}
 DEFAULT_RTX_TARGET = "sm89"
-TRT_DTYPES = {"float16": "HALF", "float32": "FLOAT", "int64": "INT64"}
-
-
-def library() -> tuple[str | None, str | None]:
-    return LIB, (trt.__version__ if trt is not None else None)
-
 
 def _gpu() -> tuple[str, tuple[int, int]] | None:
     if not torch.cuda.is_available():
@@ -192,7 +186,7 @@ class TrtEngine:
 
     def _context(self, stream: torch.cuda.Stream):
         ctx = self.contexts.get(stream.cuda_stream)
-        if ctx is None:  # FACTS.md #6: never share one context between streams
+        if ctx is None:  # one context per stream: a context shared by two streams races on its scratch memory
             ctx = self.contexts[stream.cuda_stream] = self.engine.create_execution_context()
         return ctx
 

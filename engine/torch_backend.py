@@ -6,20 +6,19 @@ is a compiled engine file that runs without the model code.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
-from typing import Literal
 
 import torch
 from torch import nn
 
 from nuwaxl.config import ModelConfig, preset
+from nuwaxl.dtypes import precision_name, torch_dtype
 from nuwaxl.engine.base import EngineNetworks, NetworkSpec
-from nuwaxl.errors import UserError
+from nuwaxl.engine.registry import TORCH_MODES, TorchMode
+from nuwaxl.errors import UserError, option
 from nuwaxl.iospec import IOSpec
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TorchMode = Literal["eager", "compile", "cudagraph", "compile-cudagraph"]
-TORCH_MODES = ("eager", "compile", "cudagraph", "compile-cudagraph")
 BIND_INPUTS = ("context", "cond", "mask")  # the UNet inputs fixed while a batch of calls is sampled
 
 
@@ -37,16 +36,20 @@ def resolve_device(device: str | None) -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu")
+        raise UserError(f"device {device!r} asked for, but no CUDA GPU is visible; use {option('device', 'cpu')}")
     return dev
 
 
 def resolve_dtype(precision: str | None, device: torch.device) -> torch.dtype:
+    """auto: fp16 on a GPU, fp32 on the CPU (where half precision is emulated and slow)."""
     if precision in (None, "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32
-    if precision not in DTYPES:
-        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[precision]
+    dtype = torch_dtype(precision)
+    if device.type == "cpu" and dtype != torch.float32:
+        # Measured on 2 CPU cores, small preset, 31 frames: fp16 215 s, fp32 11 s (README "Using it").
+        warnings.warn(f"precision {precision} on the CPU is about 19x slower than fp32 (no half-precision kernels); "
+                      f"use {option('precision', 'fp32')} there", stacklevel=3)
+    return dtype
 
 
 class TorchEngine:
@@ -56,8 +59,9 @@ class TorchEngine:
     of calls is sampled: `bind` runs `prepare` once and returns eps(x_t, t), which runs only `step`.
     """
 
-    def __init__(self, module: nn.Module, spec: IOSpec, mode: TorchMode = "eager", bounded: bool = False):
-        self.spec = spec if bounded else None
+    spec = None  # live modules take any batch
+
+    def __init__(self, module: nn.Module, spec: IOSpec, mode: TorchMode = "eager"):
         self.names = [t.name for t in spec.inputs]
         self.out_name = spec.outputs[0].name
         self.module = module
@@ -106,7 +110,8 @@ def _capture(fn, args: list[torch.Tensor], pool=None) -> tuple[torch.cuda.CUDAGr
 
 class CudaGraphEngine(TorchEngine):
     """Captures one CUDA graph per input shape (a batch-size bucket) and replays it; the launch overhead of a
-    lone 16-frame call is most of its time (FACTS.md: 23.2 ms eager vs 11.7 ms graphed, paper UNet).
+    lone 16-frame call is most of its time (paper UNet on an H200: 23.2 ms eager vs 11.7 ms graphed, README
+    "Speed" and benchmarks/results/EXPERIMENTS.md).
     With compile=True the graphs are captured around torch.compile'd code ("compile-cudagraph")."""
 
     def __init__(self, module: nn.Module, spec: IOSpec, compile: bool = False):
@@ -206,28 +211,30 @@ def channels_last_convs(module: nn.Module) -> nn.Module:
 
 
 def torch_networks(models, device: str | None = None, precision: str | None = None, resolution: int | None = None,
-                   mode: TorchMode = "eager") -> EngineNetworks:
+                   torch_mode: TorchMode = "eager") -> EngineNetworks:
     """Live-module engines over a NuwaModels bundle (from a checkpoint or a preset)."""
     from nuwaxl.iospec import io_specs
     from nuwaxl.models.networks import networks
 
     dev = resolve_device(device)
-    dtype = resolve_dtype(precision, dev)
+    mode = torch_mode
     if mode not in TORCH_MODES:
         raise UserError(f"unknown torch mode {mode!r}; use one of {', '.join(TORCH_MODES)}")
     if mode.endswith("cudagraph") and dev.type != "cuda":
-        raise UserError(f"torch mode {mode!r} needs a CUDA device; use --device cuda or mode 'eager'")
+        raise UserError(f"torch mode {mode!r} needs a CUDA device; use {option('device', 'cuda')} or "
+                        f"{option('torch_mode', 'eager')}")
+    dtype = resolve_dtype(precision, dev)
     config = models.config if resolution is None else models.config.with_resolution(resolution)
     models = models.to(device=dev, dtype=dtype).eval()
     if dev.type == "cuda":  # NHWC conv weights: a lone paper-UNet call 14.7 -> 9.7 ms under CUDA graphs, batch 69
         channels_last_convs(models)  # unchanged (benchmarks/results/EXPERIMENTS.md)
-    specs = io_specs(config, "fp16" if dtype == torch.float16 else "fp32", max_batch=1)  # names only: unbounded
+    specs = io_specs(config, precision_name(dtype), max_rows=1)  # names and dtypes only: live modules take any batch
     engines = {}
     for name, module in networks(models).items():
         engines[name] = (CudaGraphEngine(module, specs[name], compile=mode == "compile-cudagraph")
                          if mode.endswith("cudagraph") else TorchEngine(module, specs[name], mode))
     return EngineNetworks(engines, models.tokenizer, NetworkSpec(config, dev, dtype, None, f"torch-{mode}",
-                                                                  models.sampling))
+                                                                  models.sampling, models.trained_on))
 
 
 def from_checkpoint(path, **kw) -> EngineNetworks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -11,8 +12,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nuwaxl.config import ModelConfig, SamplingDefaults
-from nuwaxl.errors import UserError
+from nuwaxl.config import RANDOM_WEIGHTS, ModelConfig, SamplingDefaults, TrainingRecord, WeightsCard
+from nuwaxl.errors import UserError, option
 from nuwaxl.files import atomic_output
 from nuwaxl.models.text import PromptEncoder
 from nuwaxl.models.unet import MaskUNet3D
@@ -21,6 +22,12 @@ from nuwaxl.tokenizer import PromptTokenizer, default_tokenizer_json
 
 FORMAT = "nuwaxl-checkpoint"
 FORMAT_VERSION = "1"
+BUNDLED = "assets/weights/small.safetensors"  # inside the nuwaxl package: the trained default weights
+
+
+def bundled_checkpoint() -> Path:
+    """The trained `small` weights that ship with the package (64 px; see README "Training and quality")."""
+    return Path(str(resources.files("nuwaxl").joinpath(BUNDLED)))
 
 
 class NuwaModels(nn.Module):
@@ -28,10 +35,11 @@ class NuwaModels(nn.Module):
     settings recommended for these weights."""
 
     def __init__(self, config: ModelConfig, tokenizer_json: str | None = None,
-                 sampling: SamplingDefaults | None = None):
+                 sampling: SamplingDefaults | None = None, trained_on: TrainingRecord = RANDOM_WEIGHTS):
         super().__init__()
         self.config = config
         self.sampling = sampling or SamplingDefaults()
+        self.trained_on = trained_on  # the trainer replaces it with what it trained on
         self.tokenizer = PromptTokenizer(tokenizer_json or default_tokenizer_json(), config.text.max_length)
         if self.tokenizer.vocab_size > config.text.vocab_size:
             raise UserError(f"tokenizer has {self.tokenizer.vocab_size} tokens but text.vocab_size is "
@@ -59,7 +67,8 @@ def save_checkpoint(models: NuwaModels, path: str | os.PathLike, dtype: torch.dt
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in models.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": models.config.to_json(),
-                "tokenizer": models.tokenizer.json, "sampling": json.dumps(models.sampling.to_dict())}
+                "tokenizer": models.tokenizer.json, "sampling": json.dumps(models.sampling.to_dict()),
+                "trained_on": json.dumps(models.trained_on.to_dict())}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -69,8 +78,8 @@ def save_checkpoint(models: NuwaModels, path: str | os.PathLike, dtype: torch.dt
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}; pass --checkpoint with a .safetensors file written by "
-                        "trt-nuwaxl, or --preset NAME for random weights")
+        raise UserError(f"checkpoint not found: {path}; give {option('path', cli_value='PATH')} a .safetensors file "
+                        f"written by trt-nuwaxl, or use {option('preset', 'NAME')} for random weights")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -100,20 +109,40 @@ def _sampling(path, meta: dict[str, str]) -> SamplingDefaults:
         raise UserError(f"checkpoint {path} has malformed sampling defaults ({e})") from None
 
 
+def _training(path, meta: dict[str, str]) -> TrainingRecord:
+    if "trained_on" not in meta:  # written before training records existed: trained, on what is not known
+        return TrainingRecord()
+    try:
+        return TrainingRecord.from_dict(json.loads(meta["trained_on"]))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"checkpoint {path} has a malformed training record ({e})") from None
+
+
+def read_card(path: str | os.PathLike) -> WeightsCard:
+    """What the checkpoint says of itself, from its header alone: cheap, for checking a request before loading
+    weights."""
+    meta = read_metadata(path)
+    config = _config(path, meta)
+    return WeightsCard(f"checkpoint {path}", config, _sampling(path, meta), _training(path, meta),
+                       meta.get("tokenizer") or default_tokenizer_json())
+
+
+def preset_card(name: str) -> WeightsCard:
+    """A preset's random weights: its config, no sampling recommendation, the default tokenizer."""
+    from nuwaxl.config import preset
+
+    return WeightsCard(f"preset {name}", preset(name), SamplingDefaults(), RANDOM_WEIGHTS, default_tokenizer_json())
+
+
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    """The checkpoint's config from its header alone: cheap, for validating a request before loading weights."""
-    return _config(path, read_metadata(path))
-
-
-def read_sampling(path: str | os.PathLike) -> SamplingDefaults:
-    """The sampling settings the checkpoint recommends (defaults where it names none), from its header alone."""
-    return _sampling(path, read_metadata(path))
+    """The checkpoint's config from its header alone."""
+    return read_card(path).config
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> NuwaModels:
     meta = read_metadata(path)
     config = _config(path, meta)
-    models = NuwaModels(config, meta.get("tokenizer"), _sampling(path, meta))
+    models = NuwaModels(config, meta.get("tokenizer"), _sampling(path, meta), _training(path, meta))
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -127,15 +156,25 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     bad = [k for k, v in state.items() if v.shape != expected[k].shape]
     if bad:
         raise UserError(f"checkpoint {path} has tensors of the wrong shape for its config: {bad[:5]}")
+    # Scrambled bytes decode to NaN or infinity in some values; trained weights have none. Found here, they stop
+    # the run before any generation instead of ending it in black frames.
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"checkpoint {path} has non-finite values (NaN or infinity) in {len(bad)} tensors, for "
+                        f"example {bad[0]}: the file is corrupt; re-download or re-save it")
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     models.load_state_dict(state)
     return models.to(device=device, dtype=dtype).eval()
 
 
-def with_sampling(path: str | os.PathLike, out: str | os.PathLike, **defaults) -> Path:
+def with_sampling(path: str | os.PathLike, out: str | os.PathLike, trained_on: TrainingRecord | None = None,
+                  **defaults) -> Path:
     """Copy a checkpoint (same weights, same dtype) recommending other sampling settings, e.g. the guidance scale
-    its evaluation chose: `with_sampling("run/small-fp16.safetensors", "small.safetensors", guidance_scale=3.0)`."""
+    its evaluation chose: `with_sampling("run/small-fp16.safetensors", "small.safetensors", guidance_scale=3.0)`;
+    `trained_on` replaces its training record."""
     models = load_checkpoint(path)
     models.sampling = SamplingDefaults.from_dict({**models.sampling.to_dict(), **defaults})
+    if trained_on is not None:
+        models.trained_on = trained_on
     dtype = next(p.dtype for p in models.parameters())
     return save_checkpoint(models, out, dtype=dtype)

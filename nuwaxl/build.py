@@ -18,9 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from nuwaxl.config import ModelConfig, preset
+from nuwaxl.dtypes import torch_dtype
 from nuwaxl.engine.directory import FORMAT, FORMAT_VERSION, MANIFEST
+from nuwaxl.engine.registry import BACKEND_FOLDERS, BACKENDS
 from nuwaxl.engine.torch_backend import resolve_device
-from nuwaxl.errors import UserError
+from nuwaxl.errors import UserError, option
 from nuwaxl.export.onnx_export import (
     OPSET,
     export_onnx,
@@ -31,8 +33,8 @@ from nuwaxl.export.onnx_export import (
     write_manifest,
 )
 from nuwaxl.files import atomic_output, write_text
-from nuwaxl.iospec import NETWORKS, IOSpec, io_specs
-from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, read_config, save_checkpoint
+from nuwaxl.iospec import ENGINE_PRECISIONS, NETWORKS, IOSpec, io_specs
+from nuwaxl.models.checkpoint import NuwaModels, bundled_checkpoint, load_checkpoint, read_config, save_checkpoint
 from nuwaxl.models.networks import networks
 
 
@@ -47,7 +49,14 @@ def parity_batches(spec: IOSpec, which: str) -> list[int]:
     try:
         return sorted({pick[w] if w in pick else int(w) for w in which.split(",")})
     except ValueError:
-        raise UserError(f"--parity {which!r}: give a comma list of min, opt, max or batch sizes, or 'none'") from None
+        raise UserError(f"{option('parity', which)}: give a comma list of min, opt, max or batch sizes, "
+                        "or 'none'") from None
+
+
+def _parity_text(result: dict) -> str:
+    if not result["measured"]:
+        return f"parity not measured ({option('parity', 'none')})"
+    return f"parity {result['worst_rel_err']:.1e} (tolerance {result['tolerance']:.0e})"
 
 
 def _stage_key(**parts) -> str:
@@ -62,31 +71,54 @@ def _cached(manifest_path: Path, key: str, force: bool) -> dict | None:
 
 
 def _check_parity(name: str, parity: dict, where: Path) -> None:
-    if parity and not parity["passed"]:
+    if parity.get("measured") and not parity["passed"]:
         raise ParityError(f"{name}: parity failed (worst relative error {parity['worst_rel_err']:.2e} > "
                           f"{parity['tolerance']:.0e}); details in {where}")
 
 
-def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int = 16,
+def check_backend(backend: str) -> None:
+    """The backend's library is importable here (before any export work or any folder is made)."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend in ("onnxruntime", "tensorrt"):  # both parse the ONNX and ONNX Runtime checks its parity
+        from nuwaxl.engine.onnxruntime_backend import status
+
+        ort = status()
+        if not ort["usable"]:
+            raise UserError(f"{ort['why']}: the {backend} build checks its ONNX export with ONNX Runtime")
+    if backend == "tensorrt":
+        from nuwaxl.engine.tensorrt_backend import status
+
+        trt = status()
+        if not trt["can_build"]:
+            raise UserError(f"cannot build TensorRT plans here: {trt['why_not_build']}")
+
+
+def build(out: str | Path, backend: str, precision: str = "fp16", max_rows: int = 16,
           checkpoint: str | None = None, preset_name: str | None = None, resolution: int | None = None,
           frames_per_call: int | None = None, device: str | None = None, opt_level: int = 3,
           targets: list[str] | None = None, parity: str = "min,opt,max", force: bool = False,
           progress: bool = True, log=print, only: tuple[str, ...] = NETWORKS, init_device: str = "cpu") -> dict:
-    """Build engines; `only` builds a subset (for benchmarks) and then writes no engines.json."""
-    if backend not in ("tensorrt", "onnxruntime", "torch"):
-        raise UserError(f"unknown backend {backend!r}; use tensorrt, onnxruntime or torch")
-    if precision not in ("fp16", "fp32"):
-        raise UserError(f"precision {precision!r}: engines are built in fp16 or fp32")
+    """Build engines from `checkpoint`, or a preset's random weights, or (neither given) the bundled trained
+    weights. `max_rows` bounds the engines' batch axis (calls, x2 with guidance). `only` builds a subset (for
+    benchmarks) and then writes no engines.json."""
+    if precision not in ENGINE_PRECISIONS:
+        raise UserError(f"precision {precision!r}: engines are built in {' or '.join(ENGINE_PRECISIONS)}")
+    check_backend(backend)
     out = Path(out)
     dev = resolve_device(device)
     if backend == "torch" and precision == "fp16" and dev.type == "cpu":
-        raise UserError("fp16 AOTInductor packages need a CUDA device; use --precision fp32 or --device cuda")
-    config = read_config(checkpoint) if checkpoint else preset(preset_name or "small")
+        raise UserError(f"fp16 AOTInductor packages need a CUDA device; use {option('precision', 'fp32')} or "
+                        f"{option('device', 'cuda')}")
+    if checkpoint is None and preset_name is None:
+        checkpoint = str(bundled_checkpoint())
+    config = read_config(checkpoint) if checkpoint else preset(preset_name)
     if resolution:
         config = config.with_resolution(resolution)
     L = frames_per_call or config.frames_per_call
-    specs = io_specs(config, precision, max_batch, L)
-    for sub in {"onnxruntime": ("onnx",), "tensorrt": ("onnx", "tensorrt"), "torch": ("torch",)}[backend]:
+    specs = io_specs(config, precision, max_rows, L)
+    parity_sizes = {name: parity_batches(specs[name], parity) for name in only}  # checked before any work
+    for sub in BACKEND_FOLDERS[backend]:
         (out / sub).mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     if manifest_path.exists():  # an interrupted rebuild must not look complete
@@ -102,10 +134,10 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
             with atomic_output(ckpt) as tmp:
                 shutil.copyfile(checkpoint, tmp)
         models = load_checkpoint(ckpt)
-    elif not force and ckpt.is_file() and read_config(ckpt) == preset(preset_name or "small"):
+    elif not force and ckpt.is_file() and read_config(ckpt) == preset(preset_name):
         models = load_checkpoint(ckpt)  # random weights saved by an earlier build of this preset
     else:
-        models = NuwaModels.random(preset(preset_name or "small"), seed=0, device=init_device)
+        models = NuwaModels.random(preset(preset_name), seed=0, device=init_device)
         save_checkpoint(models, ckpt)
     ckpt_sha = sha256_file(ckpt)
     write_text(out / "tokenizer.json", models.tokenizer.json)
@@ -114,7 +146,7 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
     timings["checkpoint_s"] = time.perf_counter() - t0
     bar.update()
 
-    dtype = torch.float16 if precision == "fp16" else torch.float32
+    dtype = torch_dtype(precision)
     versions = {**library_versions(), "python": platform.python_version()}
     records = {}
     export_nets = networks(_cast_copy(models, dtype)) if dtype != torch.float32 else reference
@@ -126,7 +158,7 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
         record = {"io_spec": spec.to_dict()}
         if backend in ("onnxruntime", "tensorrt"):
             record.update(_onnx_stage(name, module, reference[name], spec, precision, out, dev, ckpt_sha,
-                                      config, parity, force, log))
+                                      config, parity_sizes[name], force, log))
         if backend == "tensorrt":
             from nuwaxl.engine.tensorrt_backend import build_plan
 
@@ -138,22 +170,31 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_batch: int
             record["plan"] = f"tensorrt/{name}.plan"
         if backend == "torch":
             record.update(_aoti_stage(name, module, reference[name], spec, precision, out, dev, ckpt_sha,
-                                      config, parity, force, log))
+                                      config, parity_sizes[name], force, log))
+        record["files"] = {rel: (out / rel).stat().st_size for rel in _engine_files(out, backend, name)}
         timings[f"{name}_s"] = time.perf_counter() - t1
         records[name] = record
         bar.update()
     bar.close()
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "precision": precision,
-                "max_batch": max_batch, "frames_per_call": L, "resolution": config.resolution,
+                "max_rows": max_rows, "frames_per_call": L, "resolution": config.resolution,
                 "model_config": config.to_dict(), "checkpoint": {"file": ckpt.name, "sha256": ckpt_sha,
                                                                  "source": str(checkpoint or f"preset:{config.name}")},
-                "sampling": models.sampling.to_dict(),
+                "sampling": models.sampling.to_dict(), "trained_on": models.trained_on.to_dict(),
                 "device": str(dev), "device_type": dev.type, "gpu": _gpu_name(dev), "networks": records,
                 "timings_s": {k: round(v, 2) for k, v in timings.items()}, "versions": versions,
                 "created_unix": int(time.time())}
     if set(only) == set(NETWORKS):  # a partial build is not a usable engine directory
         write_manifest(manifest_path, manifest)
     return manifest
+
+
+def _engine_files(out: Path, backend: str, name: str) -> list[str]:
+    """The files of one network that generation opens (their sizes go into the manifest)."""
+    if backend == "torch":
+        return [f"torch/{name}.pt2"]
+    files = [f"onnx/{name}.onnx"] + ([f"onnx/{name}.onnx.data"] if (out / f"onnx/{name}.onnx.data").exists() else [])
+    return files + ([f"tensorrt/{name}.plan"] if backend == "tensorrt" else [])
 
 
 def _cast_copy(models: NuwaModels, dtype: torch.dtype) -> NuwaModels:
@@ -189,7 +230,7 @@ def _onnx_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, co
     def run(feeds):
         return engine.run(feeds)[spec.outputs[0].name]
 
-    result = measure_parity(run, ref, spec, precision, parity_batches(spec, parity), ort_dev, config.text.vocab_size)
+    result = measure_parity(run, ref, spec, precision, parity, ort_dev, config.text.vocab_size)
     sha = onnx_sha256(onnx_path)
     manifest = {"network": name, "stage_key": key, "onnx_sha256": sha, "source_checkpoint_sha256": ckpt_sha,
                 "precision": precision, "io_spec": spec.to_dict(), **facts, "versions": library_versions(),
@@ -197,8 +238,7 @@ def _onnx_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, co
     write_manifest(man_path, manifest)
     reference.to(dev)
     _check_parity(name, result, man_path)
-    log(f"{name}: ONNX exported in {facts['export_s']} s, parity {result['worst_rel_err']:.1e} "
-        f"(tolerance {result['tolerance']:.0e})")
+    log(f"{name}: ONNX exported in {facts['export_s']} s, {_parity_text(result)}")
     return {"onnx": f"onnx/{name}.onnx", "onnx_sha256": sha}
 
 
@@ -227,10 +267,10 @@ def _aoti_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, co
     compile_s = round(time.perf_counter() - t0, 2)
     engine = AotiEngine(pt2, spec)
     result = measure_parity(lambda feeds: engine.run(feeds)[spec.outputs[0].name], reference, spec, precision,
-                            parity_batches(spec, parity), dev, config.text.vocab_size)
+                            parity, dev, config.text.vocab_size)
     write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": ckpt_sha,
                               "precision": precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
                               "device": str(dev), "torch": torch.__version__, "parity": result})
     _check_parity(name, result, man_path)
-    log(f"{name}: AOTInductor package compiled in {compile_s} s, parity {result['worst_rel_err']:.1e}")
+    log(f"{name}: AOTInductor package compiled in {compile_s} s, {_parity_text(result)}")
     return {"package": f"torch/{name}.pt2"}

@@ -1,31 +1,62 @@
-"""`trt-nuwaxl` command line. User errors print one line naming the value and the fix, and exit with status 2."""
+"""`trt-nuwaxl` command line. User errors print one line naming the value and the fix, and exit with status 2;
+warnings print one line each; Ctrl-C (SIGINT) and SIGTERM stop with one line (exit 130 / 143) after removing
+unfinished outputs."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from nuwaxl.errors import UserError
+from nuwaxl.config import LARGE_VIDEO_FRAMES
+from nuwaxl.engine.registry import BACKENDS, ENGINE_TORCH_MODES
+from nuwaxl.errors import UserError, speaking_to_cli
+from nuwaxl.iospec import ELEMENT_TYPES, ENGINE_PRECISIONS
 
 PRESET_NAMES = ("tiny", "small", "paper")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something: not None, not where the help text already names it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def bundled_story() -> Path:
     return Path(str(resources.files("nuwaxl").joinpath("assets/story.txt")))
 
 
-def bundled_checkpoint() -> Path | None:
-    """Trained default weights, once the training work ships them."""
-    path = Path(str(resources.files("nuwaxl").joinpath("assets/weights/small.safetensors")))
-    return path if path.is_file() else None
+def weights_card(args):
+    """Where the weights come from, decided once: --engines, --checkpoint, --preset (random), else the bundled
+    trained weights. Read from a header or manifest only: no weights are loaded."""
+    from nuwaxl.models.checkpoint import bundled_checkpoint, preset_card, read_card
+
+    if getattr(args, "engines", None):
+        from nuwaxl.engine.directory import read_card as read_engines_card
+
+        return read_engines_card(args.engines)
+    if args.preset:
+        return preset_card(args.preset)
+    return read_card(args.checkpoint or bundled_checkpoint())
 
 
-def chosen_checkpoint(args) -> Path | str | None:
-    """--checkpoint, else nothing with --preset (random weights), else the bundled trained weights."""
-    return args.checkpoint or (None if args.preset else bundled_checkpoint())
+def note_random_weights(card, doing: str = "generating from") -> None:
+    """Say, wherever random weights are used, that the result will be noise-like and how to get trained ones."""
+    if card.trained_on.trained:
+        return
+    fix = {"preset": "omit --preset for the bundled trained weights",
+           "engines": "build engines from the bundled trained weights: trt-nuwaxl build --backend BACKEND --out DIR",
+           "checkpoint": "use a trained checkpoint, or omit --checkpoint for the bundled trained weights"}
+    print(f"note: {doing} random (untrained) weights ({card.source}), so the video is noise-like; "
+          f"{fix[card.source.split()[0]]}", file=sys.stderr)
 
 
 def read_story(path: str | Path) -> list[str]:
@@ -58,18 +89,19 @@ def positive_int(text: str) -> int:
 
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate a long video from a story (one prompt per line)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=Help)
     p.add_argument("--story", default=None, help="text file, one prompt per line (default: the bundled example)")
     p.add_argument("--frames", type=positive_int, default=226, help="number of frames N")
     p.add_argument("--out", default="video.mp4", help="output .mp4 path")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint")
+    src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint "
+                     "(default: the bundled trained weights)")
     src.add_argument("--preset", choices=PRESET_NAMES, default=None, help="random weights of a preset")
     src.add_argument("--engines", default=None, help="engine directory from trt-nuwaxl build")
-    p.add_argument("--torch-mode", choices=("aoti", "eager", "compile", "cudagraph", "compile-cudagraph"),
-                   default=None, help="with --engines of the torch backend: the AOTInductor packages (default) or "
-                   "live modules; without --engines: eager (default), compile, cudagraph or compile-cudagraph "
-                   "(CUDA graphs around torch.compile'd code: the fastest on a GPU, after minutes of compiling)")
+    p.add_argument("--torch-mode", choices=ENGINE_TORCH_MODES, default=None,
+                   help="with --engines of the torch backend: the AOTInductor packages (default) or live modules; "
+                   "without --engines: eager (default), compile, cudagraph or compile-cudagraph (CUDA graphs around "
+                   "torch.compile'd code: the fastest on a GPU, after minutes of compiling)")
     p.add_argument("--frames-per-call", "-L", type=positive_int, default=None, help="L (default: the model's)")
     p.add_argument("--depth", type=positive_int, default=None, help="m (default: the least that reaches N)")
     p.add_argument("--mode", choices=("dod", "ar"), default="dod",
@@ -82,8 +114,9 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=positive_int, default=None, help="frame size in px (default: the model's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
-    p.add_argument("--max-batch", type=positive_int, default=None, help="calls per batched model call "
+    p.add_argument("--precision", choices=("auto", *ELEMENT_TYPES), default="auto",
+                   help="auto: fp16 on a GPU, fp32 on the CPU")
+    p.add_argument("--max-batch", type=positive_int, default=None, help="diffusion calls per batched model call "
                    "(default: a whole level)")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                    help="cap GPU memory at GIB GiB; a batch that does not fit is retried in halves (with a warning)")
@@ -93,66 +126,55 @@ def add_generate(sub) -> None:
     p.add_argument("--fps", type=positive_int, default=8)
     p.add_argument("--sheet", default=None, help="PNG of the keyframe tree (default: OUT with _tree.png; "
                    "'none' to skip)")
+    p.add_argument("--yes", action="store_true", help=f"go ahead with videos over the size that asks for "
+                   f"confirmation (more than {LARGE_VIDEO_FRAMES} frames) without asking")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> None:
-    from nuwaxl.config import ModelConfig, SamplingDefaults, preset
-    from nuwaxl.engine.directory import read_manifest
-    from nuwaxl.engine.torch_backend import resolve_device
-    from nuwaxl.models.checkpoint import read_config, read_sampling
     from nuwaxl.runtime.distributed import init_from_env, world
-    from nuwaxl.runtime.pipeline import Pipeline, prepare
+    from nuwaxl.runtime.pipeline import LargeRequest, prepare
     from nuwaxl.runtime.video import check_writable, sheet_rows, tree_sheet, write_mp4, write_png
+    from nuwaxl.tokenizer import PromptTokenizer
 
-    out = check_writable(args.out, ".mp4")
+    out = check_writable(args.out, ".mp4", flag="--out")
     sheet = None if args.sheet == "none" else check_writable(args.sheet or out.with_name(out.stem + "_tree.png"),
-                                                             ".png")
+                                                             ".png", flag="--sheet")
     prompts = read_story(args.story or bundled_story())
-    frames_per_call = args.frames_per_call
+    card = weights_card(args)
+    config = card.config
     if args.engines:  # built engines fix L, resolution and precision: check the request against them first
-        manifest = read_manifest(args.engines)
-        config = ModelConfig.from_dict(manifest["model_config"])
-        for flag, asked, built in (("--frames-per-call", args.frames_per_call, manifest["frames_per_call"]),
-                                   ("--resolution", args.resolution, manifest["resolution"]),
+        for flag, asked, built in (("--frames-per-call", args.frames_per_call, card.frames_per_call),
+                                   ("--resolution", args.resolution, config.resolution),
                                    ("--precision", None if args.precision == "auto" else args.precision,
-                                    manifest["precision"])):
+                                    card.precision)):
             if asked is not None and asked != built:
                 raise UserError(f"the engines in {args.engines} were built for {flag} {built}, not {asked}; "
                                 f"drop {flag} or rebuild with trt-nuwaxl build {flag} {asked}")
-        frames_per_call = manifest["frames_per_call"]
-        checkpoint = None
-        sampling = SamplingDefaults.from_dict(manifest.get("sampling", {}))
-    else:
-        if args.torch_mode == "aoti":
-            raise UserError("--torch-mode aoti needs --engines DIR built with --backend torch")
-        checkpoint = chosen_checkpoint(args)
-        config = read_config(checkpoint) if checkpoint else preset(args.preset or "small")
-        sampling = read_sampling(checkpoint) if checkpoint else SamplingDefaults()
-        if args.resolution:
-            config = config.with_resolution(args.resolution)
+    elif args.torch_mode == "aoti":
+        raise UserError("--torch-mode aoti needs --engines DIR built with --backend torch")
+    elif args.resolution:
+        config = config.with_resolution(args.resolution)
     # Everything about the request is checked before any weights are built or loaded.
-    request = prepare(config, prompts, args.frames, num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
-                      frames_per_call=frames_per_call, depth=args.depth,
-                      guidance_scale=sampling.guidance_scale if args.guidance is None else args.guidance,
-                      sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch, order=args.order,
-                      memory_budget_gib=args.memory_budget)
+    large = None
+    kw = dict(num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
+              frames_per_call=card.frames_per_call or args.frames_per_call, depth=args.depth,
+              guidance_scale=card.sampling.guidance_scale if args.guidance is None else args.guidance,
+              sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch, order=args.order,
+              memory_budget_gib=args.memory_budget, allow_large=args.yes,
+              tokenizer=PromptTokenizer(card.tokenizer_json, config.text.max_length), trained_on=card.trained_on)
+    try:
+        request = prepare(config, prompts, args.frames, **kw)
+    except LargeRequest as e:
+        large, request = e, e.request
     args.device = init_from_env(args.device)  # under torchrun: join the group, one GPU per rank
     rank, _ = world()
-    resolve_device(args.device)
-    kw = dict(device=args.device, precision=args.precision, resolution=args.resolution,
-              mode=args.torch_mode or "eager")
-    if args.engines:
-        pipe = Pipeline.from_engines(args.engines, device=None if args.device == "auto" else args.device,
-                                     torch_mode=args.torch_mode or "aoti")
-    elif checkpoint:
-        pipe = Pipeline.from_pretrained(checkpoint, **kw)
-    else:
-        if rank == 0:
-            print(f"note: random weights of preset '{config.name}' (--preset), so the video is noise-like; omit "
-                  "--preset for the bundled trained weights", file=sys.stderr)
-        pipe = Pipeline.from_preset(config.name, **kw)
+    if rank == 0:
+        note_random_weights(card)
+    pipe = load_pipeline(args, card)
+    if large is not None:
+        confirm_large(large, pipe)
     plan = request.plan
     if rank != 0:  # other ranks compute their share of every batch; rank 0 writes the outputs
         for _ in pipe.run(request, progress=False):
@@ -182,18 +204,51 @@ def cmd_generate(args) -> None:
           + (f", keyframe tree {sheet}" if draw_sheet else ""), file=sys.stderr)
 
 
+def load_pipeline(args, card):
+    from nuwaxl.engine.torch_backend import resolve_device
+    from nuwaxl.models.checkpoint import bundled_checkpoint
+    from nuwaxl.runtime.pipeline import Pipeline
+
+    resolve_device(args.device)
+    if args.engines:
+        return Pipeline.from_engines(args.engines, device=None if args.device == "auto" else args.device,
+                                     torch_mode=args.torch_mode or "aoti")
+    kw = dict(device=args.device, precision=args.precision, resolution=args.resolution,
+              torch_mode=args.torch_mode or "eager")
+    if args.preset:
+        return Pipeline.from_preset(args.preset, **kw)
+    return Pipeline.from_pretrained(args.checkpoint or bundled_checkpoint(), **kw)
+
+
+def confirm_large(large, pipe) -> None:
+    """A video over the confirmation size: time one denoising step here, then ask (or, with no terminal to ask
+    on, stop with what it would take and the flag that goes ahead)."""
+    per_step = pipe.seconds_per_call_step(large.request)
+    total = per_step * large.request.call_steps
+    when = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.0f} min" if total >= 60 else f"{total:.0f} s"
+    estimate = (f"denoising alone would take up to {when} here (one call's step timed at {per_step * 1e3:.0f} ms; "
+                "batching makes a GPU faster than that)")
+    if not sys.stdin.isatty():
+        raise UserError(f"{large}; {estimate}")
+    answer = input(f"{large}.\n{estimate}.\nContinue? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise UserError("cancelled; nothing was generated")
+
+
 def add_build(sub) -> None:
-    p = sub.add_parser("build", help="export ONNX and build engines into a directory",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint")
-    src.add_argument("--preset", choices=PRESET_NAMES, default=None, help="random weights of a preset")
-    p.add_argument("--backend", choices=("tensorrt", "onnxruntime", "torch"), required=True,
+    p = sub.add_parser("build", help="export ONNX and build engines into a directory", formatter_class=Help)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint "
+                     "(default: the bundled trained weights)")
+    src.add_argument("--preset", choices=PRESET_NAMES, default=None, help="random weights of a preset "
+                     "(for speed tests)")
+    p.add_argument("--backend", choices=BACKENDS, required=True,
                    help="tensorrt: plans via tensorrt or tensorrt_rtx; onnxruntime: ONNX for the CUDA/CPU provider; "
                         "torch: AOTInductor packages")
-    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
-    p.add_argument("--max-batch", type=positive_int, default=16,
-                   help="largest batch (calls x 2 with guidance) the engines accept; larger batches are split")
+    p.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp16")
+    p.add_argument("--max-rows", type=positive_int, default=16,
+                   help="largest batch the engines accept, in rows: diffusion calls, twice that many with "
+                        "guidance (generate's --max-batch counts calls); larger batches are split")
     p.add_argument("--out", required=True, help="engine directory")
     p.add_argument("--resolution", type=positive_int, default=None)
     p.add_argument("--frames-per-call", "-L", type=positive_int, default=None)
@@ -210,14 +265,15 @@ def add_build(sub) -> None:
 def cmd_build(args) -> None:
     from nuwaxl.build import build
 
+    note_random_weights(weights_card(args), doing="building from")
     t0 = time.perf_counter()
-    manifest = build(args.out, args.backend, args.precision, args.max_batch, checkpoint=args.checkpoint,
+    manifest = build(args.out, args.backend, args.precision, args.max_rows, checkpoint=args.checkpoint,
                      preset_name=args.preset, resolution=args.resolution, frames_per_call=args.frames_per_call,
                      device=args.device, opt_level=args.opt_level, targets=args.compute_capability,
                      parity=args.parity, force=args.force, progress=not args.quiet,
                      log=lambda msg: print(msg, file=sys.stderr))
     stages = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in manifest["timings_s"].items())
-    print(f"wrote {args.out} ({args.backend}, {args.precision}, batch 1..{args.max_batch}) in "
+    print(f"wrote {args.out} ({args.backend}, {args.precision}, rows 1..{args.max_rows}) in "
           f"{time.perf_counter() - t0:.1f} s: {stages}", file=sys.stderr)
 
 
@@ -267,7 +323,7 @@ def cmd_info(args) -> None:
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train the T-KLVAE and the MTD (one stage per call; resumes an unfinished one)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=Help)
     p.add_argument("--run", required=True, help="run folder: weights, optimizer state, log.jsonl, summary.json")
     p.add_argument("--stage", required=True, choices=("vae-image", "vae-temporal", "mtd"))
     p.add_argument("--steps", type=positive_int, required=True, help="total steps of the stage")
@@ -332,7 +388,7 @@ def cmd_train(args) -> None:
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="generate held-out procedural stories and score them (Avg-FD, Block-FD-16, "
                        "caption-attribute accuracy, character consistency)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=Help)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint (default: bundled)")
     src.add_argument("--preset", choices=PRESET_NAMES, default=None, help="random weights of a preset")
@@ -357,14 +413,15 @@ def cmd_eval(args) -> None:
     from nuwaxl.train.evaluate import evaluate_generation, load_probe
 
     probe = load_probe(args.probe)
-    checkpoint = chosen_checkpoint(args)
-    if checkpoint:
-        pipe = Pipeline.from_pretrained(checkpoint, device=args.device)
+    card = weights_card(args)
+    note_random_weights(card, doing="evaluating")
+    if args.preset:
+        pipe = Pipeline.from_preset(args.preset, device=args.device)
     else:
-        pipe = Pipeline.from_preset(args.preset or "small", device=args.device)
+        pipe = Pipeline.from_pretrained(args.checkpoint, device=args.device)  # None: the bundled weights
     scores = evaluate_generation(pipe, args.frames, args.mode, args.depth, args.stories, args.steps, args.seed, probe,
                                  guidance_scale=args.guidance)
-    scores["weights"] = str(checkpoint) if checkpoint else f"random {args.preset or 'small'}"
+    scores["weights"] = card.source + ("" if card.trained_on.trained else " (random weights)")
     text = json.dumps(scores, indent=1)
     if args.out:
         from nuwaxl.files import write_text
@@ -385,13 +442,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread so that cleanup (unfinished outputs) runs as on Ctrl-C."""
+
+
+@contextmanager
+def one_line_warnings():
+    """Warnings as `trt-nuwaxl: warning: ...`, one line each, instead of Python's file:line and source line."""
+    show = warnings.showwarning
+
+    def shown(message, category, filename, lineno, file=None, line=None):
+        print(f"trt-nuwaxl: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = shown
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        args.func(args)
+        with speaking_to_cli(), one_line_warnings():
+            args.func(args)
     except UserError as e:
         print(f"trt-nuwaxl: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # non-finite frames: what went wrong and what to change, without a traceback
+        print(f"trt-nuwaxl: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ntrt-nuwaxl: interrupted; unfinished outputs were removed", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("trt-nuwaxl: terminated (SIGTERM); unfinished outputs were removed", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

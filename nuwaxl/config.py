@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from nuwaxl.errors import UserError
+from nuwaxl.errors import UserError, option
+
+MIN_FRAMES_PER_CALL = 3  # local diffusion keeps a first and a last frame and generates at least one between
+# Longer videos need `allow_large` (CLI: --yes or a confirmation): one full depth-3 tree of L=16, the length of
+# the paper's training videos. A million frames would otherwise start a depth-6 plan of 66,667 calls unasked.
+LARGE_VIDEO_FRAMES = 3376
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,7 @@ class SamplingDefaults:
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
 
     def __post_init__(self) -> None:
-        if not isinstance(self.guidance_scale, (int, float)) or not self.guidance_scale >= 1.0:
-            raise UserError(f"guidance_scale={self.guidance_scale!r} must be a number >= 1 (1 disables guidance)")
+        check_guidance_scale(self.guidance_scale)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,6 +99,50 @@ class SamplingDefaults:
         if unknown:
             raise UserError(f"unknown sampling defaults {sorted(unknown)}: written by a newer trt-nuwaxl?")
         return cls(**d)
+
+
+def check_guidance_scale(value: object) -> None:
+    """A finite number >= 1 (NaN or infinity would run a whole generation and end in non-finite frames)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value < math.inf:
+        raise UserError(f"{option('guidance_scale', value)} must be a finite number >= 1 (1 disables guidance)")
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What a set of weights was trained on, as far as it is known: carried in checkpoint metadata and engine
+    manifests, so that generation can say when a request leaves what the weights know."""
+
+    trained: bool = True  # False: random initialisation (a preset's weights, for tests and speed runs)
+    resolution: int | None = None  # frame size of the training data in px; None: unknown
+    words: tuple[str, ...] = ()  # the training captions' vocabulary, lower case, sorted; (): unknown
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainingRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"unknown training record fields {sorted(unknown)}: written by a newer trt-nuwaxl?")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+RANDOM_WEIGHTS = TrainingRecord(trained=False)
+
+
+@dataclass(frozen=True)
+class WeightsCard:
+    """What is known of a set of weights without loading them, read once from a checkpoint's header, an engine
+    directory's manifest or a preset: enough to check a request before any model work."""
+
+    source: str  # how the user named them: "checkpoint PATH", "engines DIR", "preset NAME"
+    config: ModelConfig
+    sampling: SamplingDefaults
+    trained_on: TrainingRecord
+    tokenizer_json: str
+    frames_per_call: int | None = None  # fixed by built engines
+    precision: str | None = None  # fixed by built engines
 
 
 @dataclass(frozen=True)
@@ -141,6 +190,14 @@ class ModelConfig:
         return cls(**d, **parts)
 
 
+def check_frames_per_call(frames_per_call: int) -> None:
+    """The one home of the rule on L, for configs, plans and training clips."""
+    if frames_per_call < MIN_FRAMES_PER_CALL:
+        raise UserError(f"frames per call L={frames_per_call} is too small: local diffusion needs L >= "
+                        f"{MIN_FRAMES_PER_CALL} (a first, a middle and a last frame); use "
+                        f"{option('frames_per_call', MIN_FRAMES_PER_CALL)} or more")
+
+
 def validate(cfg: ModelConfig) -> None:
     """All shape rules in one place; each error says the value and the fix."""
     factor = cfg.vae.downsample_factor
@@ -155,8 +212,7 @@ def validate(cfg: ModelConfig) -> None:
             f"resolution {cfg.resolution} px gives {cfg.latent_size}x{cfg.latent_size} latents, which the UNet's "
             f"{len(cfg.unet.channels) - 1} downsamplings cannot halve evenly; use a multiple of {need} px"
         )
-    if cfg.frames_per_call < 3:
-        raise UserError(f"frames_per_call L={cfg.frames_per_call}: local diffusion needs L >= 3 (first, middle, last)")
+    check_frames_per_call(cfg.frames_per_call)
     if len(cfg.unet.attention) != len(cfg.unet.channels):
         raise UserError(
             f"unet.attention has {len(cfg.unet.attention)} entries but unet.channels has {len(cfg.unet.channels)}; "

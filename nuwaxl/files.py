@@ -1,6 +1,8 @@
 """Atomic file output: write a hidden temporary file beside the target, rename it into place only on success.
 
-A failed or interrupted run never leaves a half-written file under the final name, nor damages an old one.
+A failed or interrupted run never leaves a half-written file under the final name, nor damages an old one. The
+temporary file's name carries the writer's process id (`.NAME.PID.RANDOM.partial.SUFFIX`), so a later write of
+the same output removes what a killed writer (SIGKILL, a power cut) left, and never touches a live writer's file.
 """
 
 from __future__ import annotations
@@ -8,14 +10,47 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+LEGACY_GRACE_S = 600  # partial files without a process id (older versions): stale once untouched this long
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that dead writers of `path` left behind; returns what was removed."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    removed = []
+    for tmp in parent.glob(f".{path.name}.*.partial{path.suffix}"):
+        middle = tmp.name[len(path.name) + 2: -len(f".partial{path.suffix}")]  # "PID.RANDOM" or "RANDOM"
+        pid = middle.split(".")[0]
+        if pid.isdigit():
+            stale = int(pid) != os.getpid() and not _alive(int(pid))
+        else:
+            stale = time.time() - tmp.stat().st_mtime > LEGACY_GRACE_S
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
+    remove_stale_partials(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.{os.getpid()}.",
                                suffix=f".partial{path.suffix}")
     os.close(fd)
     try:

@@ -11,17 +11,22 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from nuwaxl.config import ModelConfig
-from nuwaxl.errors import UserError
+from nuwaxl.errors import UserError, option
 
-Precision = Literal["fp16", "fp32"]
+Precision = Literal["fp16", "fp32"]  # what engines are built in
+ENGINE_PRECISIONS: tuple[Precision, ...] = ("fp16", "fp32")
+# Every precision the runtime knows, and the element type it stores tensors in (live PyTorch modules also run bf16).
+ELEMENT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
-BATCH = "batch"  # the only dynamic axis: concurrent calls (x2 with classifier-free guidance), or prompts
+# The only dynamic axis. Its size counts rows: diffusion calls (twice that many rows with classifier-free guidance),
+# prompts, or frame chunks; `trt-nuwaxl build --max-rows` bounds it, while the runtime's `max_batch` counts calls.
+BATCH = "batch"
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: Literal["float16", "float32", "int64"]
+    dtype: Literal["float16", "float32", "bfloat16", "int64"]
     shape: tuple[int | str, ...]  # BATCH marks the dynamic axis
 
     def concrete(self, batch: int) -> tuple[int, ...]:
@@ -45,7 +50,7 @@ class IOSpec:
     def check_batch(self, batch: int) -> None:
         if not self.batch_min <= batch <= self.batch_max:
             raise UserError(f"{self.network}: batch {batch} is outside the built range "
-                            f"{self.batch_min}..{self.batch_max}; rebuild the engines with a larger --max-batch")
+                            f"{self.batch_min}..{self.batch_max}; rebuild the engines with a larger --max-rows")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,14 +64,15 @@ class IOSpec:
                    d["batch_max"])
 
 
-def io_specs(config: ModelConfig, precision: Precision, max_batch: int,
+def io_specs(config: ModelConfig, precision: str, max_rows: int,
              frames_per_call: int | None = None) -> dict[str, IOSpec]:
-    """Specs of the four networks generation runs; frames (L) and resolution are fixed per build."""
-    if max_batch < 1:
-        raise UserError(f"max_batch={max_batch} must be at least 1")
-    if precision not in ("fp16", "fp32"):
-        raise UserError(f"precision {precision!r} is not supported for engines; use fp16 or fp32")
-    f = "float16" if precision == "fp16" else "float32"
+    """Specs of the four networks generation runs; frames (L) and resolution are fixed per build, the batch axis
+    takes 1..max_rows rows."""
+    if max_rows < 1:
+        raise UserError(f"{option('max_rows', max_rows)} must be at least 1")
+    if precision not in ELEMENT_TYPES:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(ELEMENT_TYPES)}")
+    f = ELEMENT_TYPES[precision]
     L = frames_per_call or config.frames_per_call
     c, h, res = config.vae.latent_channels, config.latent_size, config.resolution
     tokens, d_text = config.text.max_length, config.text.hidden_size
@@ -75,7 +81,7 @@ def io_specs(config: ModelConfig, precision: Precision, max_batch: int,
 
     def spec(name, inputs, outputs):
         return IOSpec(name, tuple(TensorSpec(*t) for t in inputs), tuple(TensorSpec(*t) for t in outputs),
-                      1, max_batch, max_batch)
+                      1, max_rows, max_rows)
 
     return {
         "text_encoder": spec("text_encoder", [("input_ids", "int64", (BATCH, tokens))],

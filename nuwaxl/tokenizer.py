@@ -6,12 +6,18 @@ nothing is fetched from a model hub. A default ships in nuwaxl/assets (regenerat
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS, EOS, PAD = "<|startoftext|>", "<|endoftext|>", "<|pad|>"
+
+
+def words(text: str) -> list[str]:
+    """The words of a prompt as the weights' vocabulary records them: lower case, letters, digits, apostrophes."""
+    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 def train_tokenizer(lines: list[str], vocab_size: int) -> Tokenizer:
@@ -36,6 +42,7 @@ class PromptTokenizer:
         self.json = tokenizer_json
         self.max_length = max_length
         self.tok = Tokenizer.from_str(tokenizer_json)
+        self.raw = Tokenizer.from_str(tokenizer_json)  # no padding, no truncation: for counting tokens
         self.bos, self.eos, self.pad = (self.tok.token_to_id(t) for t in (BOS, EOS, PAD))
         if None in (self.bos, self.eos, self.pad):
             raise ValueError(f"tokenizer lacks one of the special tokens {BOS}, {EOS}, {PAD}")
@@ -47,6 +54,10 @@ class PromptTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    def count(self, prompt: str) -> int:
+        """Tokens of `prompt` before truncation, BOS and EOS included."""
+        return len(self.raw.encode(prompt.lower()).ids) + 2
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         """list of P prompts -> (P, max_length) int64 token ids."""

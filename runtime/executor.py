@@ -24,6 +24,7 @@ import torch
 
 from nuwaxl.diffusion import NoiseSchedule, SamplerName, needs_noise, run_to_end, sample_steps
 from nuwaxl.engine.base import EngineNetworks
+from nuwaxl.errors import option
 from nuwaxl.runtime.planner import Call
 
 
@@ -33,7 +34,7 @@ class SamplingOptions:
     sampler: SamplerName = "ddim"
     eta: float = 0.0
     guidance_scale: float = 1.0  # 1 = no classifier-free guidance
-    vae_batch: int = 4  # calls per T-KLVAE encode/decode chunk (bounds memory, FACTS: decode OOM)
+    vae_batch: int = 4  # calls per T-KLVAE encode/decode chunk: decoding a whole level at once can run out of memory
 
 
 class PromptBank:
@@ -96,9 +97,12 @@ class Decoded:
         if self.ready is not None:
             self.ready.synchronize()
         if not bool(self.finite):  # fp16 overflow shows up as NaN -> black frames
-            raise FloatingPointError(
-                f"non-finite output in level {self.calls[0].level} (calls {[c.index for c in self.calls][:8]}) "
-                f"at {str(self.dtype).removeprefix('torch.')}; rerun with --precision fp32 (or bf16)")
+            where = (f"non-finite output in level {self.calls[0].level} (calls {[c.index for c in self.calls][:8]}) "
+                     f"at {str(self.dtype).removeprefix('torch.')}")
+            if self.dtype == torch.float32:  # more precision cannot help: the weights themselves misbehave
+                raise FloatingPointError(f"{where}: the model gives NaN or infinity even in full precision, so the "
+                                         "weights are damaged or diverged in training; use other weights")
+            raise FloatingPointError(f"{where}: half precision overflowed; rerun with {option('precision', 'fp32')}")
         if self._host is None:  # CPU device
             self._host = uint8_frames(self.pixels)
         return self._host

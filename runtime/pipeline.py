@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+import unicodedata
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,16 +14,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nuwaxl.config import ModelConfig
+from nuwaxl.config import LARGE_VIDEO_FRAMES, ModelConfig, TrainingRecord, check_guidance_scale
 from nuwaxl.diffusion import NoiseSchedule
 from nuwaxl.engine import torch_backend
 from nuwaxl.engine.base import EngineNetworks
 from nuwaxl.engine.directory import load_engines
-from nuwaxl.errors import UserError
+from nuwaxl.errors import UserError, option
 from nuwaxl.runtime.distributed import agree_any, all_gather_rows, shard, world
 from nuwaxl.runtime.executor import Decoded, Executor, PromptBank, SamplingOptions, uint8_frames
 from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
-from nuwaxl.runtime.scheduler import Order, Scheduler, count_batches
+from nuwaxl.runtime.scheduler import Order, Scheduler
+from nuwaxl.tokenizer import PromptTokenizer, words
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,20 @@ class Request:
     max_batch: int  # calls per batched model call
     order: Order = "level"  # "level": throughput; "depth": first frames first (low latency)
     memory_budget_gib: float | None = None  # cap on CUDA allocations; over it, batches are halved and retried
+
+    @property
+    def call_steps(self) -> int:
+        """The request's denoising work in single-call UNet evaluations (calls x steps, x2 with guidance)."""
+        guided = 2 if self.options.guidance_scale != 1.0 else 1
+        return len(self.plan.calls) * self.options.num_inference_steps * guided
+
+
+class LargeRequest(UserError):
+    """A request over LARGE_VIDEO_FRAMES without `allow_large`: what it would take, for the user to confirm."""
+
+    def __init__(self, message: str, request: Request):
+        super().__init__(message)
+        self.request = request
 
 
 @dataclass
@@ -59,22 +76,30 @@ def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_
             seed: int = 0, mode: Mode = "dod", frames_per_call: int | None = None, depth: int | None = None,
             guidance_scale: float = 1.0, sampler: str = "ddim", eta: float = 0.0, ar_context: int = 1,
             max_batch: int | None = None, vae_batch: int = 4, order: Order = "level",
-            memory_budget_gib: float | None = None) -> Request:
-    """Validate a request against a model config and plan its calls, before any model work."""
+            memory_budget_gib: float | None = None, allow_large: bool = False,
+            tokenizer: PromptTokenizer | None = None, trained_on: TrainingRecord | None = None) -> Request:
+    """Validate a request against a model config and plan its calls, before any model work.
+
+    With the weights' `tokenizer` and `trained_on` record, also warn (one line each) where the request leaves what
+    the weights know: words they were not trained on, prompts longer than the text encoder reads, another
+    resolution. Over LARGE_VIDEO_FRAMES frames it raises `LargeRequest` unless `allow_large`.
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not all(isinstance(p, str) for p in prompts):
         raise UserError("prompts must be strings")
+    _check_text(prompts)
     steps_max = config.diffusion.num_train_timesteps
     if not 1 <= num_inference_steps <= steps_max:
-        raise UserError(f"num_inference_steps={num_inference_steps} must be between 1 and {steps_max}")
+        raise UserError(f"{option('num_inference_steps', num_inference_steps)} must be between 1 and {steps_max}")
     if sampler not in ("ddim", "ddpm"):
         raise UserError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'")
-    if guidance_scale < 1.0:
-        raise UserError(f"guidance_scale={guidance_scale} must be >= 1 (1 disables guidance)")
+    check_guidance_scale(guidance_scale)
+    if not (isinstance(eta, (int, float)) and 0.0 <= eta < math.inf):
+        raise UserError(f"{option('eta', eta)} must be a finite number >= 0")
     if max_batch is not None and max_batch < 1:
-        raise UserError(f"max_batch={max_batch} must be at least 1 (or None for a whole level)")
-    if memory_budget_gib is not None and not memory_budget_gib > 0:
-        raise UserError(f"memory_budget_gib={memory_budget_gib} must be a positive number of GiB")
+        raise UserError(f"{option('max_batch', max_batch)} must be at least 1 (or unset for a whole level)")
+    if memory_budget_gib is not None and not 0 < memory_budget_gib < math.inf:
+        raise UserError(f"{option('memory_budget_gib', memory_budget_gib)} must be a positive number of GiB")
     if vae_batch < 1:
         raise UserError(f"vae_batch={vae_batch} must be at least 1")
     if order not in ("level", "depth"):
@@ -82,8 +107,61 @@ def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_
     per_frame = frame_prompts(prompts, num_frames)
     the_plan = plan(num_frames, frames_per_call or config.frames_per_call, mode, depth, ar_context, seed)
     cap = max_batch or max(len(level) for level in the_plan.levels)
-    return Request(the_plan, per_frame, SamplingOptions(num_inference_steps, sampler, eta, guidance_scale, vae_batch),
-                   cap, order, memory_budget_gib)
+    request = Request(the_plan, per_frame, SamplingOptions(num_inference_steps, sampler, eta, guidance_scale,
+                                                           vae_batch), cap, order, memory_budget_gib)
+    if num_frames > LARGE_VIDEO_FRAMES and not allow_large:
+        gib = frame_buffer_bytes(request, config) / 2**30
+        raise LargeRequest(
+            f"{num_frames} frames is a large request: a depth-{the_plan.depth} plan of {len(the_plan.calls):,} "
+            f"diffusion calls ({request.call_steps:,} single-call UNet steps) whose largest batch alone holds up to "
+            f"{gib:.1f} GiB of frames; ask for at most {LARGE_VIDEO_FRAMES} frames, bound memory with "
+            f"{option('max_batch', cli_value='N')}, or confirm with {option('allow_large', True, None)}", request)
+    if tokenizer is not None:
+        _warn_long_prompts(prompts, tokenizer)
+    if trained_on is not None and trained_on.trained:
+        _warn_outside_training(prompts, config, trained_on)
+    return request
+
+
+def frame_buffer_bytes(request: Request, config: ModelConfig, bytes_per_value: int = 4) -> int:
+    """Memory the largest batch's frames need while it is decoded and handed out: pixels on the device
+    (`bytes_per_value` each) plus their uint8 copy on the host. A lower bound: activations come on top."""
+    L, res = request.plan.frames_per_call, config.resolution
+    calls = max(min(len(level), request.max_batch) for level in request.plan.levels)
+    return calls * L * 3 * res * res * (bytes_per_value + 1)
+
+
+def _check_text(prompts: list[str]) -> None:
+    """Refuse control characters (a NUL byte, say): they are never meant, and the tokenizer would keep them."""
+    for i, p in enumerate(prompts, 1):
+        bad = next((c for c in p if unicodedata.category(c) == "Cc" and c != "\t"), None)
+        if bad is not None:
+            raise UserError(f"prompt {i} contains the control character {bad!r}; remove it (prompts are plain text)")
+
+
+def _warn_long_prompts(prompts: list[str], tokenizer: PromptTokenizer) -> None:
+    lengths = {p: tokenizer.count(p) for p in set(prompts)}
+    long = [p for p, n in lengths.items() if n > tokenizer.max_length]
+    if long:
+        worst = max(long, key=lengths.get)
+        warnings.warn(f"{len(long)} prompt(s) are longer than the {tokenizer.max_length} tokens the text encoder "
+                      f"reads (the longest: {lengths[worst]:,} tokens, {len(worst):,} characters); the rest of each "
+                      "is ignored", stacklevel=3)
+
+
+def _warn_outside_training(prompts: list[str], config: ModelConfig, training: TrainingRecord) -> None:
+    if training.words:
+        known = set(training.words)
+        unknown = sorted({w for p in set(prompts) for w in words(p)} - known)
+        if unknown:
+            shown = ", ".join(repr(w) for w in unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6
+                                                               else "")
+            warnings.warn(f"the prompts use words these weights were not trained on: {shown}; the video will not "
+                          f"follow them (the weights know {len(known)} words, e.g. "
+                          f"{', '.join(training.words[:8])})", stacklevel=3)
+    if training.resolution is not None and config.resolution != training.resolution:
+        warnings.warn(f"these weights were trained at {training.resolution} px; at {config.resolution} px expect "
+                      f"worse videos (omit {option('resolution')} to use {training.resolution})", stacklevel=3)
 
 
 class Pipeline:
@@ -92,19 +170,22 @@ class Pipeline:
         self.schedule = NoiseSchedule.from_config(nets.spec.config.diffusion)
 
     @classmethod
-    def from_pretrained(cls, path, device: str | None = None, precision: str | None = None,
-                        resolution: int | None = None, mode: str = "eager") -> Pipeline:
+    def from_pretrained(cls, path=None, device: str | None = None, precision: str | None = None,
+                        resolution: int | None = None, torch_mode: str = "eager") -> Pipeline:
         """Load a trt-nuwaxl .safetensors checkpoint (config and tokenizer are inside it) as live PyTorch modules;
-        mode: eager, compile (torch.compile) or cudagraph (CUDA graphs per batch size)."""
-        return cls(torch_backend.from_checkpoint(path, device=device, precision=precision, resolution=resolution,
-                                                 mode=mode))
+        without a path, the bundled trained `small` weights. device: auto (a GPU if present), cpu, cuda[:N];
+        torch_mode: eager, compile (torch.compile), cudagraph (CUDA graphs per batch size) or compile-cudagraph."""
+        from nuwaxl.models.checkpoint import bundled_checkpoint
+
+        return cls(torch_backend.from_checkpoint(bundled_checkpoint() if path is None else path, device=device,
+                                                 precision=precision, resolution=resolution, torch_mode=torch_mode))
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: str | None = None, precision: str | None = None,
-                    resolution: int | None = None, mode: str = "eager") -> Pipeline:
-        """Random weights of a named preset (tiny, small, paper): for tests and speed measurements."""
+                    resolution: int | None = None, torch_mode: str = "eager") -> Pipeline:
+        """Random weights of a named preset (tiny, small, paper): noise-like videos, for tests and speed runs."""
         return cls(torch_backend.from_preset(name, seed=seed, device=device, precision=precision,
-                                             resolution=resolution, mode=mode))
+                                             resolution=resolution, torch_mode=torch_mode))
 
     @classmethod
     def from_engines(cls, directory, device: str | None = None, torch_mode: str = "aoti") -> Pipeline:
@@ -124,7 +205,29 @@ class Pipeline:
             kwargs["frames_per_call"] = fixed
         if kwargs.get("guidance_scale") is None:  # the weights' recommendation (1 = off for random weights)
             kwargs["guidance_scale"] = self.nets.spec.sampling.guidance_scale
-        return prepare(self.config, prompts, num_frames, **kwargs)
+        return prepare(self.config, prompts, num_frames, tokenizer=self.nets.tokenizer,
+                       trained_on=self.nets.spec.trained_on, **kwargs)
+
+    @torch.inference_mode()
+    def seconds_per_call_step(self, request: Request) -> float:
+        """One call's denoising step timed here (after one warm-up step), with guidance if the request uses it:
+        multiplied by `request.call_steps` it bounds the denoising time (batching only makes GPUs faster)."""
+        spec, L = self.nets.spec, request.plan.frames_per_call
+        rows = 2 if request.options.guidance_scale != 1.0 else 1
+        empty = self.nets.encode_prompts([""])
+        context = empty.expand(rows, L, *empty.shape[1:]).contiguous()
+        cond = torch.zeros(rows, L, *spec.latent_shape, device=spec.device, dtype=spec.dtype)
+        mask = torch.zeros(rows, L, 1, *spec.latent_shape[1:], device=spec.device, dtype=spec.dtype)
+        eps = self.nets.denoiser(context, cond, mask)
+        t = torch.full((rows,), 500, device=spec.device, dtype=torch.int64)
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            eps(torch.randn_like(cond), t)
+            if spec.device.type == "cuda":
+                torch.cuda.synchronize(spec.device)
+            times.append(time.perf_counter() - t0)
+        return times[-1]
 
     def iter_frames(self, prompts: list[str] | str, num_frames: int, progress: bool = True,
                     timings: dict | None = None, **kwargs) -> Iterator[tuple[int, np.ndarray]]:
@@ -162,8 +265,9 @@ class Pipeline:
             scheduler = Scheduler(req.plan, req.max_batch, req.order)
             executor = Executor(self.nets, self.schedule, req.options, profile=timings if profile else None)
             steps = req.options.num_inference_steps
-            bar = tqdm(total=count_batches(req.plan, req.max_batch, req.order) * steps, desc="denoising",
-                       unit="step", disable=not progress or world()[0] != 0, leave=False)
+            # Work is calls x steps: a level of 69 calls weighs 69 lone calls, so the bar's estimate holds.
+            bar = tqdm(total=len(req.plan.calls) * steps, desc="denoising", unit="call-step",
+                       disable=not progress or world()[0] != 0, leave=False)
             frames: dict[int, torch.Tensor] = {}  # position -> (3, H, W) pixels on the device, while needed
             producers: dict[int, Decoded] = {}  # position -> the batch that made it (its events, host copy)
             slots: dict[int, tuple[Decoded, int, int]] = {}  # position -> (batch, row, slot), until emitted
@@ -172,6 +276,7 @@ class Pipeline:
             try:
                 while (batch := scheduler.next_batch()) is not None:
                     bar.set_postfix(level=batch.level, calls=len(batch.calls))
+                    progress_before = bar.n
                     try:  # between denoising steps, hand out frames of earlier batches as their decode ends
                         done = yield from self._drive(self._submit(executor, bank, req, batch, frames, producers,
                                                                    bar), emittable, slots, rank)
@@ -180,7 +285,8 @@ class Pipeline:
                     else:
                         failed = None
                     if agree_any(failed is not None):  # every rank retries together
-                        self._shrink(scheduler, batch, failed, bar, steps)
+                        bar.n = progress_before  # the batch's steps are done again
+                        self._shrink(scheduler, batch, failed)
                         continue
                     for b, call in enumerate(batch.calls):
                         for slot in call.gen_slots:
@@ -214,20 +320,22 @@ class Pipeline:
         mine = batch.calls[part.start: part.stop]
         gather = (lambda rows: all_gather_rows(rows, len(batch.calls))) if size > 1 else None
         if not mine:  # a rank with no share of a small batch still joins the all-gather
-            bar.update(req.options.num_inference_steps)
+            bar.update(req.options.num_inference_steps * len(batch.calls))
             res = self.config.resolution
             empty = torch.empty(0, len(batch.calls[0].positions), 3, res, res, device=self.nets.spec.device,
                                 dtype=self.nets.spec.dtype)
             return executor.finish(batch.calls, empty, gather)
         context = bank.context([call_prompts(c, req.per_frame) for c in mine])
         return (yield from executor.submit(mine, context, bank.empty, frames, producers,
-                                           on_step=lambda i: bar.update(), gather=gather, all_calls=batch.calls))
+                                           on_step=lambda i: bar.update(len(batch.calls)), gather=gather,
+                                           all_calls=batch.calls))
 
-    def _shrink(self, scheduler: Scheduler, batch, error: Exception | None, bar, steps: int) -> None:
+    def _shrink(self, scheduler: Scheduler, batch, error: Exception | None) -> None:
         n = len(batch.calls)
         if n == 1:
-            raise UserError("out of GPU memory with a single call per batch; lower --resolution, use fewer frames "
-                            "per call, or raise --memory-budget") from error
+            raise UserError(f"out of GPU memory with a single call per batch; lower {option('resolution')}, use fewer "
+                            f"frames per call ({option('frames_per_call')}), or raise "
+                            f"{option('memory_budget_gib')}") from error
         scheduler.requeue(batch, max_batch=n // 2)
         if self.nets.spec.device.type == "cuda":
             # Work already queued (earlier batches' decodes) may still use graph memory pools: let it finish
@@ -235,9 +343,9 @@ class Pipeline:
             torch.cuda.synchronize(self.nets.spec.device)
         self.nets.release()  # captured graphs hold memory pools sized for the failed batch
         torch.cuda.empty_cache()
-        bar.total = bar.n + scheduler.remaining_batches() * steps
         warnings.warn(f"out of GPU memory running {n} calls of level {batch.level} in one batch; retrying with at "
-                      f"most {n // 2} calls per batch (set max_batch / --max-batch to start there)", stacklevel=3)
+                      f"most {n // 2} calls per batch (set {option('max_batch', n // 2)} to start there)",
+                      stacklevel=3)
 
     @staticmethod
     def _emit(emittable: list[int], slots: dict, wait: bool) -> Iterator[tuple[int, np.ndarray]]:
@@ -262,7 +370,7 @@ def memory_budget(gib: float | None, device: torch.device):
     total = torch.cuda.get_device_properties(index).total_memory
     fraction = gib * 2**30 / total
     if not 0 < fraction <= 1:
-        raise UserError(f"memory budget {gib} GiB is outside (0, {total / 2**30:.1f}] GiB of this GPU")
+        raise UserError(f"{option('memory_budget_gib', gib)} is outside (0, {total / 2**30:.1f}] GiB of this GPU")
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     try:
         yield

@@ -13,7 +13,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-from nuwaxl.errors import UserError
+from nuwaxl.config import check_frames_per_call
+from nuwaxl.errors import UserError, option
 
 Mode = Literal["dod", "ar"]
 
@@ -61,7 +62,13 @@ def call_seed(seed: int, level: int, index: int) -> int:
 
 
 def max_frames(frames_per_call: int, depth: int) -> int:
+    """Frames one full tree spans: (L-1)^m + 1 (the one home of this formula; training samples the same trees)."""
     return (frames_per_call - 1) ** depth + 1
+
+
+def level_stride(frames_per_call: int, depth: int, level: int) -> int:
+    """Spacing of the frames of one call of `level` (1 = global) in a tree of depth m: (L-1)^(m-level)."""
+    return (frames_per_call - 1) ** (depth - level)
 
 
 def min_depth(num_frames: int, frames_per_call: int) -> int:
@@ -72,8 +79,7 @@ def min_depth(num_frames: int, frames_per_call: int) -> int:
 
 
 def _check(num_frames: int, frames_per_call: int) -> None:
-    if frames_per_call < 3:
-        raise UserError(f"frames per call L={frames_per_call} is too small: local diffusion needs L >= 3")
+    check_frames_per_call(frames_per_call)
     if num_frames < 1:
         raise UserError(f"frame count {num_frames} is not positive; ask for at least 1 frame")
 
@@ -84,12 +90,12 @@ def plan_dod(num_frames: int, frames_per_call: int, depth: int | None = None, se
     L = frames_per_call
     m = min_depth(num_frames, L) if depth is None else depth
     if m < 1:
-        raise UserError(f"depth {m} is not positive; use --depth 1 or more")
+        raise UserError(f"depth {m} is not positive; use {option('depth', 1)} or more")
     if num_frames > max_frames(L, m):
         raise UserError(
             f"{num_frames} frames cannot be reached with L={L} and depth {m} (at most {max_frames(L, m)} frames); "
-            f"use --depth {min_depth(num_frames, L)} or ask for at most {max_frames(L, m)} frames")
-    stride = (L - 1) ** (m - 1)
+            f"use {option('depth', min_depth(num_frames, L))} or ask for at most {max_frames(L, m)} frames")
+    stride = level_stride(L, m, 1)
     levels = [(Call(1, 0, tuple(j * stride for j in range(L)), (), call_seed(seed, 1, 0)),)]
     for level in range(2, m + 1):
         parent, stride = stride, stride // (L - 1)
@@ -107,7 +113,7 @@ def plan_ar(num_frames: int, frames_per_call: int, context: int = 1, seed: int =
     _check(num_frames, frames_per_call)
     L = frames_per_call
     if not 1 <= context < L:
-        raise UserError(f"AR context {context} must be between 1 and L-1={L - 1}")
+        raise UserError(f"{option('ar_context', context)} must be between 1 and L-1={L - 1}")
     windows = [Call(1, 0, tuple(range(L)), (), call_seed(seed, 1, 0))]
     while windows[-1].positions[-1] < num_frames - 1:
         start = windows[-1].positions[-1] + 1 - context

@@ -72,18 +72,6 @@ class Scheduler:
             level.sort(key=lambda call: call.index)
         self.max_batch = max_batch
 
-    def remaining_batches(self) -> int:
-        """Batches still to hand out (for progress bars), without changing this scheduler."""
-        sim = Scheduler(self.plan, self.max_batch, self.order)
-        sim._pending = [list(level) for level in self._pending]
-        sim.final = set(self.final) | {p for level in self.plan.levels for c in level
-                                       if (c.level, c.index) in self._in_flight for p in c.positions}
-        n = 0
-        while (batch := sim.next_batch()) is not None:
-            sim.complete(batch)
-            n += 1
-        return n
-
     def complete(self, batch: Batch) -> list[int]:
         for c in batch.calls:
             self._in_flight.discard((c.level, c.index))
@@ -103,12 +91,3 @@ class Scheduler:
     def needed_later(self) -> set[int]:
         """Positions still needed as visual conditions by calls not yet run."""
         return {p for calls in self._pending for c in calls for p in c.cond_positions}
-
-
-def count_batches(plan: Plan, max_batch: int, order: Order = "level") -> int:
-    """How many batches a plan takes (for progress bars): the scheduler run against a no-op executor."""
-    sched, n = Scheduler(plan, max_batch, order), 0
-    while (batch := sched.next_batch()) is not None:
-        sched.complete(batch)
-        n += 1
-    return n

@@ -20,21 +20,21 @@ from nuwaxl.files import atomic_output
 from nuwaxl.runtime.planner import Plan
 
 
-def check_writable(path: str | os.PathLike, suffix: str) -> Path:
-    """Fail before any generation work if the output cannot be written."""
+def check_writable(path: str | os.PathLike, suffix: str, flag: str = "the output path") -> Path:
+    """Fail before any generation work if the output cannot be written; `flag` names the option that set it."""
     path = Path(path)
     if path.suffix.lower() != suffix:
-        raise UserError(f"output {path} must end in {suffix}")
+        raise UserError(f"{flag} {path} must end in {suffix}")
     if path.is_dir():
-        raise UserError(f"output {path} is a directory; give a file name such as {path / ('video' + suffix)}")
+        raise UserError(f"{flag} {path} is a directory; give a file name such as {path / ('video' + suffix)}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {parent} does not exist; create it or choose another --out")
+        raise UserError(f"cannot write {path}: folder {parent} does not exist; create it or choose another {flag}")
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
             pass
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable --out") from None
+        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable {flag}") from None
     return path
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from nuwaxl.runtime.planner import plan_dod
+from nuwaxl.runtime.planner import max_frames, plan_dod
 from nuwaxl.train.data import ACTIONS, CAST, LOCATIONS, LongVideo, story_shots
-from nuwaxl.train.sampling import sample_clip, tree_frames
+from nuwaxl.train.sampling import sample_clip
 
 
 def test_stories_are_deterministic_and_differ_by_seed_and_index():
@@ -56,19 +56,17 @@ def test_training_clips_lie_on_the_planners_grids(L, m):
     """Global clips: L frames at the coarsest stride, no condition; local clips of level k: the frames of one
     inference call of level k (same stride, segment aligned to the level above), first and last as condition."""
     rng = np.random.default_rng(0)
-    n = tree_frames(L, m) + 37
-    plan = plan_dod(tree_frames(L, m), L, m)
-    grids = {(c.level, tuple(p - c.positions[0] for p in c.positions)) for c in plan.calls}
+    n = max_frames(L, m) + 37
+    plan = plan_dod(max_frames(L, m), L, m)
+    calls = {(c.level, c.positions, c.cond_slots) for c in plan.calls}
     levels = set()
     for _ in range(300):
         clip = sample_clip(n, L, m, rng)
         levels.add(clip.level)
-        offsets = tuple(p - clip.positions[0] for p in clip.positions)
-        assert (clip.level, offsets) in grids and len(clip.positions) == L
-        assert 0 <= clip.positions[0] and clip.positions[-1] < n
-        assert clip.cond_slots == (() if clip.level == 1 else (0, L - 1))
-        span = (L - 1) ** (m - clip.level + 1)
-        assert clip.level == 1 or any((clip.positions[0] - o) % span == 0 for o in range(38))  # origin <= 37
+        assert 0 <= clip.origin <= 37  # the tree lies inside the video
+        # Shifted back by its tree's origin, the clip is exactly one call of the planner's tree: same level,
+        # same frames (so a clip misaligned by even one frame fails), same condition slots.
+        assert (clip.level, tuple(p - clip.origin for p in clip.positions), clip.cond_slots) in calls
     assert levels == set(range(1, m + 1))
 
 

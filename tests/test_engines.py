@@ -1,16 +1,17 @@
 """Export, parity, engine directories and backends on the tiny preset (CPU).
 
-Builds run once per session: ONNX Runtime fp32, TensorRT fp16 (tensorrt-rtx builds plans without a GPU) and
-torch AOTInductor fp32. TensorRT *execution* needs a GPU the installed TensorRT supports and skips otherwise.
+Builds run once per session: ONNX Runtime fp32 and TensorRT fp16 (tensorrt-rtx builds plans without a GPU);
+AOTInductor packages are in test_aoti.py, a file of their own so that pytest-xdist runs their long compile beside
+these. TensorRT *execution* needs a GPU the installed TensorRT supports and skips otherwise.
 """
 
 import json
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import assert_engines_match_pytorch
 
 from nuwaxl.build import build
 from nuwaxl.cli import main
@@ -20,9 +21,8 @@ from nuwaxl.engine.directory import load_engines, read_manifest
 from nuwaxl.errors import UserError
 from nuwaxl.export.onnx_export import TOLERANCE
 from nuwaxl.iospec import NETWORKS, IOSpec, io_specs
-from nuwaxl.runtime.video import read_mp4
 
-MAX_BATCH = 4
+MAX_ROWS = 4
 TRT = tensorrt_backend.status()
 needs_trt_build = pytest.mark.skipif(not TRT["can_build"], reason=str(TRT["why_not_build"]))
 
@@ -34,7 +34,7 @@ def quiet(msg):
 @pytest.fixture(scope="session")
 def ort_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "ort"
-    build(out, "onnxruntime", "fp32", MAX_BATCH, preset_name="tiny", device="cpu", progress=False, log=quiet)
+    build(out, "onnxruntime", "fp32", MAX_ROWS, preset_name="tiny", device="cpu", progress=False, log=quiet)
     return out
 
 
@@ -43,20 +43,13 @@ def trt_dir(tmp_path_factory):
     if not TRT["can_build"]:
         pytest.skip(TRT["why_not_build"])
     out = tmp_path_factory.mktemp("engines") / "trt"
-    build(out, "tensorrt", "fp16", MAX_BATCH, preset_name="tiny", device="cpu", progress=False, log=quiet)
-    return out
-
-
-@pytest.fixture(scope="session")
-def aoti_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "aoti"
-    build(out, "torch", "fp32", MAX_BATCH, preset_name="tiny", device="cpu", progress=False, log=quiet)
+    build(out, "tensorrt", "fp16", MAX_ROWS, preset_name="tiny", device="cpu", progress=False, log=quiet)
     return out
 
 
 def expected_specs(directory):
     m = read_manifest(directory)
-    return io_specs(ModelConfig.from_dict(m["model_config"]), m["precision"], MAX_BATCH, m["frames_per_call"])
+    return io_specs(ModelConfig.from_dict(m["model_config"]), m["precision"], MAX_ROWS, m["frames_per_call"])
 
 
 @pytest.mark.parametrize("which", ["ort_dir", "trt_dir"])
@@ -67,7 +60,7 @@ def test_onnx_export_and_parity_for_each_network(which, request):
         man = json.loads((d / "onnx" / f"{name}.json").read_text())
         parity = man["parity"]
         assert parity["passed"] and parity["tolerance"] == TOLERANCE[m["precision"]]
-        assert set(parity["batches"]) == {"1", str(MAX_BATCH)}  # min and opt/max batch
+        assert set(parity["batches"]) == {"1", str(MAX_ROWS)}  # min and opt/max batch
         assert parity["worst_rel_err"] <= TOLERANCE[m["precision"]]
         assert man["source_checkpoint_sha256"] == m["checkpoint"]["sha256"]
         assert man["opset"] == 18 and {"torch", "onnx", "onnxscript"} <= set(man["versions"])
@@ -147,34 +140,15 @@ def test_tensorrt_engines_run_or_skip_with_the_reason(trt_dir, ort_dir):
     torch.testing.assert_close(nets.encode_frames(x).float(), ref.to(x.device).float(), atol=3e-2, rtol=3e-2)
 
 
-def test_aoti_packages_have_parity(aoti_dir):
-    for name in NETWORKS:
-        parity = json.loads((aoti_dir / "torch" / f"{name}.json").read_text())["parity"]
-        assert parity["passed"] and "1" in parity["batches"]  # batch 1 goes through the padding path
-
-
-@pytest.mark.parametrize("which", ["ort_dir", "aoti_dir"])
-def test_generate_with_engines_matches_pytorch(which, request, tmp_path):
-    """Same weights, seeds and sampler: engine frames equal the eager PyTorch frames up to fp32 rounding
-    (compared before video encoding, which would amplify a one-level difference)."""
-    from nuwaxl.runtime.pipeline import Pipeline
-
-    d = request.getfixturevalue(which)
-    kw = dict(num_frames=40, num_inference_steps=3, seed=2, sampler="ddpm", progress=False)
-    reference = Pipeline.from_pretrained(d / "checkpoint.safetensors", device="cpu")(["a cat", "a dog"], **kw).frames
-    engines = Pipeline.from_engines(d, device="cpu")(["a cat", "a dog"], **kw).frames
-    diff = np.abs(reference.astype(int) - engines.astype(int))
-    assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())
-    out = tmp_path / "v.mp4"
-    assert main(["generate", "--engines", str(d), "--frames", "40", "--steps", "2", "--quiet", "--out", str(out)]) == 0
-    assert read_mp4(out).shape == (40, 32, 32, 3)
+def test_generate_with_onnxruntime_engines_matches_pytorch(ort_dir, tmp_path, capsys):
+    assert_engines_match_pytorch(ort_dir, tmp_path, capsys)
 
 
 def test_engine_dir_batches_larger_than_built_are_split(ort_dir):
     nets = load_engines(ort_dir, device="cpu")
-    video = torch.rand(MAX_BATCH * 2 + 1, 16, 3, 32, 32) * 2 - 1
+    video = torch.rand(MAX_ROWS * 2 + 1, 16, 3, 32, 32) * 2 - 1
     split = nets.encode_frames(video)
-    assert split.shape[0] == MAX_BATCH * 2 + 1
+    assert split.shape[0] == MAX_ROWS * 2 + 1
     torch.testing.assert_close(split[-1:], nets.encode_frames(video[-1:]))
 
 
@@ -206,23 +180,69 @@ def test_engine_directory_errors(ort_dir, tmp_path, capsys):
         read_manifest(broken)
     (broken / "engines.json").write_text((ort_dir / "engines.json").read_text())
     (broken / "onnx" / "unet.onnx").unlink()
-    with pytest.raises(UserError, match="ONNX file missing: .*unet.onnx; rebuild"):
+    with pytest.raises(UserError, match="engine file missing: .*unet.onnx; rebuild"):
         load_engines(broken, device="cpu")
+    size = (ort_dir / "onnx" / "unet.onnx").stat().st_size
     (broken / "onnx" / "unet.onnx").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="unet.onnx has 7 bytes but was built with"):
+        load_engines(broken, device="cpu")
+    (broken / "onnx" / "unet.onnx").write_bytes(b"\0" * size)  # same size, other bytes: ONNX Runtime says so
     with pytest.raises(UserError, match="ONNX Runtime cannot load"):
         load_engines(broken, device="cpu")
+    edited = tmp_path / "edited"
+    shutil.copytree(ort_dir, edited)
+    m = json.loads((edited / "engines.json").read_text())
+    m["model_config"]["resolution"] = 64  # the ONNX files were exported for 32 px
+    (edited / "engines.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match=r"engines.json: its model_config gives unet tensor 'x_t' the shape \('batch', "
+                                        r"16, 4, 8, 8\), but the engine was built for \('batch', 16, 4, 4, 4\): the "
+                                        r"manifest was edited or damaged; rebuild with trt-nuwaxl build --force"):
+        load_engines(edited, device="cpu")
+    (edited / "engines.json").write_text(json.dumps({**m, "format_version": 1}))  # built by an older version
+    with pytest.raises(UserError, match="is format 'nuwaxl-engines' v1, this trt-nuwaxl reads .* v2; rebuild"):
+        load_engines(edited, device="cpu")
+    shutil.copy(ort_dir / "engines.json", edited / "engines.json")
+    with (edited / "onnx" / "unet.onnx").open("ab") as f:
+        f.write(b"\0")  # damaged after the build
+    with pytest.raises(UserError, match=r"unet.onnx has \d+ bytes but was built with \d+: it changed after the build"):
+        load_engines(edited, device="cpu")
     out = str(tmp_path / "v.mp4")
+    assert main(["generate", "--engines", str(tmp_path / "nope"), "--out", out]) == 2
+    hint = capsys.readouterr().err
+    assert "build one with: trt-nuwaxl build --backend onnxruntime" in hint and "--preset" not in hint
     assert main(["generate", "--engines", str(ort_dir), "-L", "8", "--frames", "20", "--out", out]) == 2
     assert "were built for --frames-per-call 16, not 8" in capsys.readouterr().err
     assert main(["generate", "--engines", str(ort_dir), "--resolution", "64", "--frames", "20", "--out", out]) == 2
     assert "were built for --resolution 32, not 64" in capsys.readouterr().err
 
 
-def test_build_errors():
+def test_build_errors(tmp_path, monkeypatch):
+    from nuwaxl.engine import onnxruntime_backend
+
     with pytest.raises(UserError, match="unknown backend 'tvm'"):
-        build("/tmp/x", "tvm", preset_name="tiny")
+        build(tmp_path / "x", "tvm", preset_name="tiny")
     with pytest.raises(UserError, match="fp16 AOTInductor packages need a CUDA device"):
-        build("/tmp/x", "torch", "fp16", preset_name="tiny", device="cpu")
+        build(tmp_path / "x", "torch", "fp16", preset_name="tiny", device="cpu")
+    with pytest.raises(UserError, match=r"parity='1,x': give a comma list"):
+        build(tmp_path / "x", "onnxruntime", "fp32", preset_name="tiny", device="cpu", parity="1,x")
+    monkeypatch.setattr(onnxruntime_backend, "ort", None)  # onnxruntime not installed: said before any export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported before the check"))
+    for backend in ("onnxruntime", "tensorrt"):
+        with pytest.raises(UserError, match="onnxruntime is not installed .*: the .* build checks its ONNX export"):
+            build(tmp_path / "x", backend, "fp32", preset_name="tiny", device="cpu")
+    assert not (tmp_path / "x").exists()  # and no partial folder is left
+
+
+def test_build_without_parity_and_without_torchvision_noise(tmp_path, caplog):
+    """--parity none (offered by the CLI) builds and records that parity was not measured; the ONNX exporter's
+    "torchvision is not installed" lines (16 per build) are gone."""
+    out = tmp_path / "p"
+    with caplog.at_level("WARNING"):
+        build(out, "onnxruntime", "fp32", 2, preset_name="tiny", device="cpu", parity="none", progress=False,
+              log=quiet, only=("text_encoder",))
+    parity = json.loads((out / "onnx" / "text_encoder.json").read_text())["parity"]
+    assert parity["measured"] is False and parity["batches"] == {}
+    assert not [r for r in caplog.records if "torchvision" in r.getMessage()]
 
 
 def test_doctor_reports_each_backend_with_a_reason():
@@ -239,10 +259,11 @@ def test_doctor_reports_each_backend_with_a_reason():
 
 def test_build_command_reports_stages_and_reuses_cached_work(ort_dir, capsys):
     """`trt-nuwaxl build` with the fixture's settings: every stage's cache key matches, nothing is redone."""
-    args = ["build", "--preset", "tiny", "--backend", "onnxruntime", "--precision", "fp32", "--max-batch",
-            str(MAX_BATCH), "--device", "cpu", "--out", str(ort_dir), "--quiet"]
+    args = ["build", "--preset", "tiny", "--backend", "onnxruntime", "--precision", "fp32", "--max-rows",
+            str(MAX_ROWS), "--device", "cpu", "--out", str(ort_dir), "--quiet"]
     assert main(args) == 0
     err = capsys.readouterr().err
+    assert err.startswith("note: building from random (untrained) weights (preset tiny)")
     assert err.count("ONNX reused") == 4
     assert "wrote" in err and "unet" in err and " s:" in err  # per-stage timing
     assert read_manifest(ort_dir)["backend"] == "onnxruntime"

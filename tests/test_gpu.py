@@ -3,19 +3,15 @@
 import numpy as np
 import pytest
 import torch
+from conftest import KW as BASE
+from conftest import STORY, frame_diff
 
 from nuwaxl.runtime.pipeline import Pipeline
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")]
 
-STORY = ["a red caveman walks", "a blue dinosaur jumps"]
-KW = dict(num_frames=50, frames_per_call=8, num_inference_steps=4, seed=1, progress=False, sampler="ddpm")
-
-
-def frame_diff(a, b):
-    d = np.abs(a.astype(int) - b.astype(int))
-    return d.max(), d.mean()
+KW = {**BASE, "num_frames": 50, "seed": 1, "sampler": "ddpm"}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -46,7 +42,7 @@ def test_small_preset_on_cuda_fp16_is_finite():
 def test_cuda_modes_match_eager(mode):
     """CUDA graphs (two per batch size: prepare, step) and compiled code give eager's video."""
     ref = Pipeline.from_preset("small", device="cuda")(STORY, **{**KW, "num_frames": 226}).frames
-    out = Pipeline.from_preset("small", device="cuda", mode=mode)(STORY, **{**KW, "num_frames": 226}).frames
+    out = Pipeline.from_preset("small", device="cuda", torch_mode=mode)(STORY, **{**KW, "num_frames": 226}).frames
     worst, mean = frame_diff(ref, out)
     assert mean < 0.1, (worst, mean)
 
@@ -56,7 +52,7 @@ def test_paper_video_does_not_depend_on_batching(mode):
     """Whole levels and one call per batch give the same video. With 2 steps the host runs batches ahead of the
     GPU: an input made on the caller's stream and freed early would be overwritten by the next batch's (a CUDA-graph
     run once differed by 12 uint8 levels this way)."""
-    pipe = Pipeline.from_preset("paper", device="cuda", mode=mode)
+    pipe = Pipeline.from_preset("paper", device="cuda", torch_mode=mode)
     kw = dict(num_frames=256, frames_per_call=16, num_inference_steps=2, seed=1, progress=False)
     worst, mean = frame_diff(pipe(STORY, **kw).frames, pipe(STORY, max_batch=1, **kw).frames)
     assert worst <= 2 and mean < 0.05, (worst, mean)
@@ -66,7 +62,7 @@ def test_paper_video_does_not_depend_on_batching(mode):
 def test_memory_budget_retries_and_keeps_the_video(mode):
     """With a budget of about what one call per batch needs, a bigger batch runs out of memory, is put back and
     retried in halves with a warning, and the video is the one made without a budget (per-call seeds)."""
-    pipe = Pipeline.from_preset("paper", device="cuda", mode=mode)
+    pipe = Pipeline.from_preset("paper", device="cuda", torch_mode=mode)
     kw = dict(num_frames=256, frames_per_call=16, num_inference_steps=2, seed=1, progress=False)
     ref = pipe(STORY, **kw).frames
     pipe.nets.release()

@@ -7,7 +7,14 @@ import torch
 
 from nuwaxl.config import PRESETS, SamplingDefaults, UNetConfig, VAEConfig, preset
 from nuwaxl.errors import UserError
-from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, read_sampling, save_checkpoint, with_sampling
+from nuwaxl.models.checkpoint import (
+    NuwaModels,
+    bundled_checkpoint,
+    load_checkpoint,
+    read_card,
+    save_checkpoint,
+    with_sampling,
+)
 from nuwaxl.models.unet import ConditionInjection, MaskUNet3D
 from nuwaxl.models.vae import TKLVAE
 
@@ -167,24 +174,36 @@ def test_checkpoint_round_trip(tmp_path):
 def test_checkpoint_carries_its_sampling_defaults(tmp_path):
     m = NuwaModels.random(TINY, seed=3)
     plain = save_checkpoint(m, tmp_path / "plain.safetensors", dtype=torch.float16)
-    assert read_sampling(plain) == SamplingDefaults() and SamplingDefaults().guidance_scale == 1.0
+    assert read_card(plain).sampling == SamplingDefaults() and SamplingDefaults().guidance_scale == 1.0
     tuned = with_sampling(plain, tmp_path / "tuned.safetensors", guidance_scale=2.5)
-    assert read_sampling(tuned).guidance_scale == 2.5 and load_checkpoint(tuned).sampling.guidance_scale == 2.5
+    assert read_card(tuned).sampling.guidance_scale == 2.5 and load_checkpoint(tuned).sampling.guidance_scale == 2.5
     a, b = load_checkpoint(plain), load_checkpoint(tuned)  # same weights, same dtype
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert next(b.parameters()).dtype == torch.float16
-    with pytest.raises(UserError, match="guidance_scale=0.5 must be a number >= 1"):
-        with_sampling(plain, tmp_path / "bad.safetensors", guidance_scale=0.5)
-    with pytest.raises(UserError, match="guidance_scale='3' must be a number >= 1"):
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(UserError, match=f"guidance_scale={bad} must be a finite number >= 1"):
+            with_sampling(plain, tmp_path / "bad.safetensors", guidance_scale=bad)
+    with pytest.raises(UserError, match="guidance_scale='3' must be a finite number >= 1"):
         SamplingDefaults.from_dict({"guidance_scale": "3"})
     with pytest.raises(UserError, match=r"unknown sampling defaults \['temperature'\]"):
         SamplingDefaults.from_dict({"temperature": 2.0})
 
 
-def test_bundled_weights_recommend_guidance():
-    from nuwaxl.cli import bundled_checkpoint
+def test_bundled_weights_recommend_guidance_and_record_their_training():
+    card = read_card(bundled_checkpoint())
+    assert card.sampling.guidance_scale > 1.0  # chosen by benchmarks/quality.py
+    assert card.trained_on.trained and card.trained_on.resolution == 64
+    assert {"fred", "dino", "walks", "quarry", "campfire"} <= set(card.trained_on.words)
 
-    assert read_sampling(bundled_checkpoint()).guidance_scale > 1.0  # chosen by benchmarks/quality.py
+
+def test_training_record_round_trips_and_random_weights_say_so(tmp_path):
+    from nuwaxl.config import TrainingRecord
+
+    path = save_checkpoint(NuwaModels.random(TINY), tmp_path / "random.safetensors")
+    assert not read_card(path).trained_on.trained  # random initialisation, saved: still random weights
+    record = TrainingRecord(True, 32, ("a", "cat"))
+    tagged = with_sampling(path, tmp_path / "tagged.safetensors", trained_on=record)
+    assert read_card(tagged).trained_on == record and load_checkpoint(tagged).trained_on == record
 
 
 def test_random_weights_are_deterministic():
@@ -209,7 +228,7 @@ def test_checkpoint_errors(tmp_path):
     data = bytearray(good.read_bytes())
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(UserError, match="tiny|corrupt|readable"):
+    with pytest.raises(UserError, match="truncated.safetensors is not a readable safetensors file"):
         load_checkpoint(truncated)
 
 

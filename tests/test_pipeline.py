@@ -3,14 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import KW, STORY, frame_diff
 
 from nuwaxl.errors import UserError
 from nuwaxl.runtime.executor import Executor, PromptBank, SamplingOptions
 from nuwaxl.runtime.pipeline import to_uint8
 from nuwaxl.runtime.planner import call_prompts, frame_prompts, plan_dod
-
-STORY = ["a red caveman walks", "a blue dinosaur jumps", "the sun sets"]
-KW = dict(num_frames=40, frames_per_call=8, num_inference_steps=4, seed=3, progress=False)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -19,8 +17,8 @@ def test_batched_generation_equals_call_by_call(tiny_pipe, sampler):
     and single convolutions round differently (about 1e-6) and a value can cross a quantisation boundary."""
     batched = tiny_pipe(STORY, sampler=sampler, max_batch=None, **KW).frames
     single = tiny_pipe(STORY, sampler=sampler, max_batch=1, **KW).frames
-    diff = np.abs(batched.astype(int) - single.astype(int))
-    assert diff.max() <= 1 and diff.mean() < 0.01
+    worst, mean = frame_diff(batched, single)
+    assert worst <= 1 and mean < 0.01
 
 
 def test_batched_latents_match_call_by_call(tiny_pipe):
@@ -115,27 +113,123 @@ def test_guidance_runs_as_one_batched_call(tiny_pipe):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_inference_steps=0), "num_inference_steps=0 must be between 1 and 1000"),
     (dict(sampler="euler"), "unknown sampler 'euler'"),
-    (dict(guidance_scale=0.5), "guidance_scale=0.5 must be >= 1"),
+    (dict(guidance_scale=0.5), "guidance_scale=0.5 must be a finite number >= 1"),
+    (dict(guidance_scale=float("nan")), "guidance_scale=nan must be a finite number >= 1"),
+    (dict(guidance_scale=float("inf")), "guidance_scale=inf must be a finite number >= 1"),
+    (dict(eta=float("nan")), "eta=nan must be a finite number >= 0"),
+    (dict(memory_budget_gib=float("inf")), "memory_budget_gib=inf must be a positive number of GiB"),
     (dict(mode="bfs"), "unknown mode 'bfs'"),
     (dict(max_batch=0), "max_batch=0 must be at least 1"),
-    (dict(num_frames=5000), "5000 frames cannot be reached"),
+    (dict(num_frames=5000), "5000 frames cannot be reached with L=8 and depth 2 .*; use depth=5"),
 ])
-def test_bad_arguments_fail_before_any_work(tiny_pipe, kwargs, message):
+def test_bad_arguments_fail_before_any_work(tiny_pipe, kwargs, message, monkeypatch):
+    monkeypatch.setattr(tiny_pipe.nets, "denoiser", None)  # any model work would fail differently
     with pytest.raises(UserError, match=message):
         tiny_pipe.iter_frames(STORY, **{**KW, **kwargs, "depth": 2})
 
 
-def test_non_finite_output_is_reported_with_a_fix(tiny_pipe, monkeypatch):
+@pytest.mark.parametrize("bad", ["\x00", "\x1b[31m", "\r"])
+def test_control_characters_in_prompts_are_refused(tiny_pipe, bad):
+    with pytest.raises(UserError, match="prompt 2 contains the control character"):
+        tiny_pipe.prepare(["a cat", f"a dog{bad}"], 16)
+    tiny_pipe.prepare(["a cat\twith a tab"], 16)  # a tab is just white space
+
+
+def test_large_requests_need_allow_large_and_say_what_they_take(tiny_pipe):
+    from nuwaxl.config import LARGE_VIDEO_FRAMES
+    from nuwaxl.runtime.pipeline import LargeRequest
+
+    tiny_pipe.prepare(STORY, LARGE_VIDEO_FRAMES)  # the largest size that needs no confirmation
+    # L=16: 1 + 2 + 20 + 297 + 4,445 + 66,667 calls; the finest level's batch holds 66,667 x 16 frames of
+    # 32 x 32 x 3 values, fp32 on the device plus uint8 on the host.
+    gib = 66_667 * 16 * 32 * 32 * 3 * 5 / 2**30
+    with pytest.raises(LargeRequest, match=rf"1000000 frames is a large request: a depth-6 plan of 71,432 diffusion "
+                                           rf"calls \(1,785,800 single-call UNet steps\) whose largest batch alone "
+                                           rf"holds up to {gib:.1f} GiB of frames; ask for at most 3376 frames, bound "
+                                           rf"memory with max_batch, or confirm with allow_large=True"):
+        tiny_pipe.prepare(STORY, 1_000_000)
+    request = tiny_pipe.prepare(STORY, 1_000_000, allow_large=True)
+    assert [len(level) for level in request.plan.levels] == [1, 2, 20, 297, 4445, 66667]
+    assert request.call_steps == 71_432 * 25
+    assert tiny_pipe.seconds_per_call_step(request) > 0  # what the CLI multiplies out before asking
+
+
+def test_requests_outside_what_the_weights_know_warn_once_each(tiny_pipe, recwarn):
+    from nuwaxl.config import TrainingRecord
+    from nuwaxl.runtime.pipeline import prepare
+
+    known = TrainingRecord(True, 32, ("a", "an", "cat", "dog", "on", "the", "walks"))
+    kw = dict(tokenizer=tiny_pipe.nets.tokenizer, trained_on=known)
+    prepare(tiny_pipe.config, ["a cat walks", "a dog"], 16, **kw)
+    assert not recwarn.list  # within the vocabulary, at the trained resolution
+    with pytest.warns(UserWarning, match=r"words these weights were not trained on: 'astronaut', 'moon'"):
+        prepare(tiny_pipe.config, ["a cat walks", "an astronaut on the moon"], 16, **kw)
+    with pytest.warns(UserWarning, match=r"1 prompt\(s\) are longer than the 77 tokens .* 100,000 characters"):
+        prepare(tiny_pipe.config, ["cat " * 25_000], 16, **kw)
+    with pytest.warns(UserWarning, match="trained at 32 px; at 64 px expect worse videos .*omit resolution"):
+        prepare(tiny_pipe.config.with_resolution(64), ["a cat"], 16, **kw)
+    recwarn.clear()
+    prepare(tiny_pipe.config.with_resolution(64), ["an astronaut"], 16, tokenizer=tiny_pipe.nets.tokenizer,
+            trained_on=TrainingRecord(trained=False))
+    assert not recwarn.list  # random weights know nothing: nothing to warn about
+
+
+def test_non_finite_output_is_reported_with_a_fix_that_fits(tiny_pipe, monkeypatch):
+    from nuwaxl.runtime.executor import Decoded
+
     monkeypatch.setattr(tiny_pipe.nets, "denoiser", lambda *fixed: lambda x, t: torch.full_like(x, float("nan")))
-    with pytest.raises(FloatingPointError, match="non-finite output in level 1 .* --precision fp32"):
+    with pytest.raises(FloatingPointError, match="non-finite output in level 1 .* at float32: .* even in full "
+                                                 "precision") as e:
         tiny_pipe(STORY, **KW)
+    assert "precision=" not in str(e.value)  # already fp32: no advice to switch to it
+    half = Decoded((), torch.zeros(1), None, torch.tensor(False), torch.float16)
+    half.calls = tiny_pipe.prepare(STORY, 16).plan.levels[0]
+    with pytest.raises(FloatingPointError, match="at float16: half precision overflowed; rerun with "
+                                                 "precision='fp32'"):
+        half.host_frames()
+
+
+def test_progress_is_weighted_by_calls_times_steps(tiny_pipe, monkeypatch):
+    """The bar counts call-steps: after the 1-call global level it shows 1/7 of the work, not 1/2 of the batches."""
+    import nuwaxl.runtime.pipeline as pipeline
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.n, self.seen = total, 0, []
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+            self.seen.append(self.n)
+
+        def set_postfix(self, **kw):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(pipeline, "tqdm", Bar)
+    tiny_pipe(STORY, **KW)  # 1 global call, then 6 local calls in one batch; 4 steps each
+    (bar,) = bars
+    assert bar.total == 7 * 4 and bar.n == bar.total
+    assert bar.seen[:5] == [1, 2, 3, 4, 10]  # the 6-call batch advances six times as fast
+
+
+def test_from_pretrained_without_a_path_loads_the_bundled_weights():
+    from nuwaxl.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(device="cpu")
+    assert pipe.config.name == "small" and pipe.nets.spec.trained_on.trained
+    assert pipe.nets.spec.sampling.guidance_scale == 3.0
 
 
 def test_depth_first_order_gives_the_same_video(tiny_pipe):
     """Order changes only when frames arrive: per-call seeds make the video identical (up to batch rounding)."""
     level = tiny_pipe(STORY, **{**KW, "num_frames": 50, "depth": 2})
     depth = tiny_pipe(STORY, **{**KW, "num_frames": 50, "depth": 2, "order": "depth", "max_batch": 2})
-    assert np.abs(level.frames.astype(int) - depth.frames.astype(int)).max() <= 1
+    assert frame_diff(level.frames, depth.frames)[0] <= 1
     with pytest.raises(UserError, match="unknown order 'bfs'"):
         tiny_pipe.prepare(STORY, 50, order="bfs")
 
@@ -154,7 +248,7 @@ def test_out_of_memory_retries_with_smaller_batches(tiny_pipe, monkeypatch):
     monkeypatch.setattr(tiny_pipe.nets, "denoiser", limited)
     with pytest.warns(UserWarning, match="out of GPU memory running 6 calls of level 2 .* at most 3"):
         frames = tiny_pipe(STORY, **KW).frames
-    assert sizes == [1, 6, 3] + [1] * 6 and np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
+    assert sizes == [1, 6, 3] + [1] * 6 and frame_diff(frames, expected)[0] <= 1
 
     monkeypatch.setattr(tiny_pipe.nets, "denoiser", lambda *a: (_ for _ in ()).throw(
         torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")))

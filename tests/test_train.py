@@ -53,11 +53,35 @@ def test_three_stages_train_and_change_the_weights(tmp_path, tiny_videos):
     assert not torch.equal(m.state_dict()[temporal], before[temporal])
     assert m.config.vae.scaling_factor != preset("tiny").vae.scaling_factor  # set from the latents' spread
     unet_key = "unet.conv_in.spatial.weight"
+    vae_before_mtd = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("vae.")}
     _, m = train(run, "mtd", 3, tiny_videos)
     assert not torch.equal(m.state_dict()[unet_key], before[unet_key])
-    assert torch.equal(m.state_dict()[temporal], load_checkpoint(run / "models.safetensors").state_dict()[temporal])
+    after_mtd = m.state_dict()
+    changed = [k for k, v in vae_before_mtd.items() if not torch.equal(after_mtd[k], v)]
+    assert not changed, f"the mtd stage changed the frozen T-KLVAE: {changed[:3]}"
+    record = load_checkpoint(run / "models.safetensors").trained_on  # what generation will warn against
+    caption_words = {w for v in tiny_videos for c in v.captions for w in c.lower().replace(",", " ").split()}
+    assert record.trained and record.resolution == 32 and set(record.words) == caption_words
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log].count("mtd") == 3 and all(np.isfinite(r["loss"]) for r in log)
+
+
+class Payload:
+    """Unpickling this runs code: exactly what a training state file must never be able to do."""
+
+    def __reduce__(self):
+        return (print, ("code ran while loading state.pt",))
+
+
+def test_training_state_is_loaded_without_unpickling_objects(tmp_path, tiny_videos):
+    import pickle
+
+    run = tmp_path / "run"
+    train(run, "mtd", 2, tiny_videos, time_limit_s=0.0)  # saves state.pt at once
+    state = torch.load(run / "state.pt", weights_only=True)  # our own state is plain data
+    torch.save({**state, "extra": Payload()}, run / "state.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train(run, "mtd", 2, tiny_videos)
 
 
 def test_pause_and_resume_continue_the_same_run(tmp_path, tiny_videos):
@@ -193,11 +217,10 @@ def test_bundled_weights_follow_held_out_prompts():
     """The acceptance bar (>= 80% caption-attribute accuracy), on a CPU-sized sample: 2 held-out stories of 46
     frames with generate's defaults (90% measured; 59% without the recommended guidance, 32% with random weights).
     The full-size numbers are in benchmarks/results/quality-small-h100-*.md."""
-    from nuwaxl.cli import bundled_checkpoint
     from nuwaxl.runtime.pipeline import Pipeline
     from nuwaxl.train.evaluate import evaluate_generation
 
-    pipe = Pipeline.from_pretrained(bundled_checkpoint(), device="cpu")
+    pipe = Pipeline.from_pretrained(device="cpu")  # no path: the bundled weights
     scores = evaluate_generation(pipe, 46, stories=2, progress=False)
     assert scores["guidance_scale"] == 3.0 and scores["attribute_accuracy"] >= 0.8, scores
 

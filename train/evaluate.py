@@ -224,17 +224,6 @@ def heldout_stories(count: int, num_frames: int, resolution: int, seed: int = 10
     return [LongVideo(seed, i, num_frames, resolution) for i in range(count)]
 
 
-if __name__ == "__main__":  # retrain the bundled probe and print its accuracy on held-out real frames
-    probe = train_probe()
-    path = bundled_probe_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_probe(probe, path)
-    stories = heldout_stories(4, 400, PROBE_RES)
-    vids = [s.clip(range(400)) for s in stories]
-    caps = [[s.caption(i) for i in range(400)] for s in stories]
-    print(json.dumps(evaluate_videos(vids, caps, vids, probe)))
-
-
 def evaluate_generation(pipe, num_frames: int, mode: str = "dod", depth: int | None = None, stories: int = 4,
                         steps: int = 25, seed: int = 0, probe: FrameProbe | None = None,
                         progress: bool = True, guidance_scale: float | None = None) -> dict:
@@ -281,3 +270,14 @@ def evaluate_reference(pipe, num_frames: int, stories: int = 4, reconstruct: boo
     result = evaluate_videos(videos, prompts, refs, probe)
     result.update({"mode": "vae" if reconstruct else "real", "num_frames": len(videos[0]), "depth": None})
     return result
+
+
+if __name__ == "__main__":  # retrain the bundled probe and print its accuracy on held-out real frames
+    probe = train_probe()
+    path = bundled_probe_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_probe(probe, path)
+    stories = heldout_stories(4, 400, PROBE_RES)
+    vids = [s.clip(range(400)) for s in stories]
+    caps = [[s.caption(i) for i in range(400)] for s in stories]
+    print(json.dumps(evaluate_videos(vids, caps, vids, probe)))

@@ -28,3 +28,10 @@ esac
 # Third session: a shorter polish from the bundled fp16 weights, new clip seed, lr decaying over the steps that fit:
 #   RUN=runs/small3 MTD_SECONDS=400 MORE_STEPS=2000 MORE_LR=1e-4 SEED=3 bash train/recipe_small.sh more \
 #     nuwaxl/assets/weights/small.safetensors
+# Then the training record (what generation warns against: words outside these captions, other resolutions) was
+# written into the bundled file's metadata, weights unchanged, from the captions of the stories trained on:
+#   python -c 'from nuwaxl.config import TrainingRecord as R; from nuwaxl.models.checkpoint import with_sampling;
+#     from nuwaxl.tokenizer import words; from nuwaxl.train.data import LongVideo as V;
+#     w = sorted({x for i in range(64) for f in range(3376) for x in words(V(0, i, 3376).caption(f))});
+#     p = "nuwaxl/assets/weights/small.safetensors"; with_sampling(p, p, trained_on=R(True, 64, tuple(w)))'
+# (runs trained with this version record it themselves.)

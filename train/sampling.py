@@ -12,17 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nuwaxl.config import check_frames_per_call
+from nuwaxl.runtime.planner import level_stride, max_frames
+
 
 @dataclass(frozen=True)
 class TrainingClip:
     level: int  # 1 = global
     positions: tuple[int, ...]  # L frame indices into the long video
     cond_slots: tuple[int, ...]  # slots whose frames are the visual condition: () global, (0, L-1) local
-
-
-def tree_frames(frames_per_call: int, depth: int) -> int:
-    """Frames one tree spans: (L-1)^m + 1."""
-    return (frames_per_call - 1) ** depth + 1
+    origin: int = 0  # first frame of the tree the clip was drawn from
 
 
 def sample_clip(video_frames: int, frames_per_call: int, depth: int, rng: np.random.Generator,
@@ -30,9 +29,10 @@ def sample_clip(video_frames: int, frames_per_call: int, depth: int, rng: np.ran
     """One training clip; the level is uniform over 1..depth unless given. The tree starts at a random offset so
     every frame of a long video can be used."""
     L, m = frames_per_call, depth
-    if L < 3 or m < 1:
-        raise ValueError(f"frames_per_call={L} must be >= 3 and depth={m} >= 1")
-    span = tree_frames(L, m)
+    check_frames_per_call(L)
+    if m < 1:
+        raise ValueError(f"depth={m} must be at least 1")
+    span = max_frames(L, m)
     if video_frames < span:
         raise ValueError(f"a video of {video_frames} frames is shorter than one tree of L={L}, depth={m} "
                          f"({span} frames); use a longer video, a smaller depth or smaller L")
@@ -40,8 +40,8 @@ def sample_clip(video_frames: int, frames_per_call: int, depth: int, rng: np.ran
     if not 1 <= level <= m:
         raise ValueError(f"level={level} must be between 1 and depth={m}")
     origin = int(rng.integers(0, video_frames - span + 1))
-    stride = (L - 1) ** (m - level)
+    stride = level_stride(L, m, level)
     segments = (L - 1) ** (level - 1)  # segments of this level in one tree
     start = origin + int(rng.integers(segments)) * stride * (L - 1)
     positions = tuple(start + stride * i for i in range(L))
-    return TrainingClip(level, positions, () if level == 1 else (0, L - 1))
+    return TrainingClip(level, positions, () if level == 1 else (0, L - 1), origin)

@@ -28,12 +28,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from nuwaxl.config import TrainingRecord
 from nuwaxl.diffusion import NoiseSchedule
 from nuwaxl.errors import UserError
 from nuwaxl.files import atomic_output, write_text
 from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
 from nuwaxl.models.vae import TKLVAE
-from nuwaxl.train.sampling import TrainingClip, sample_clip, tree_frames
+from nuwaxl.runtime.planner import max_frames
+from nuwaxl.tokenizer import words
+from nuwaxl.train.sampling import TrainingClip, sample_clip
 from nuwaxl.train.videos import CorpusVideo
 
 STAGES = ("vae-image", "vae-temporal", "mtd")
@@ -82,6 +85,7 @@ class Corpus:
         self.empty = index[""]
         self.frames = [torch.from_numpy(v.frames).to(device) for v in videos]
         self.caption_ids = [torch.tensor([index[c] for c in v.captions], device=device) for v in videos]
+        self.words = sorted({w for c in captions for w in words(c)})  # the vocabulary the MTD learns
         self.lengths = np.array([len(v) for v in videos])
         self.device = device
 
@@ -103,9 +107,9 @@ def mtd_clip(corpus: Corpus, L: int, opts: TrainOptions, rng: np.random.Generato
         v = corpus.pick(rng, L)
         start = int(rng.integers(0, corpus.lengths[v] - L + 1))
         return v, TrainingClip(2, tuple(range(start, start + L)), (0,))
-    depths = [m for m in range(1, opts.depth + 1) if tree_frames(L, m) <= corpus.lengths.max()]
+    depths = [m for m in range(1, opts.depth + 1) if max_frames(L, m) <= corpus.lengths.max()]
     m = int(rng.choice(depths))
-    v = corpus.pick(rng, tree_frames(L, m))
+    v = corpus.pick(rng, max_frames(L, m))
     return v, sample_clip(int(corpus.lengths[v]), L, m, rng)
 
 
@@ -136,7 +140,10 @@ class Trainer:
         self.L = models.config.frames_per_call
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         self.schedule = NoiseSchedule.from_config(models.config.diffusion)
-        self.alphas = torch.tensor(self.schedule.alphas_cumprod, device=device, dtype=torch.float32)
+        # What the weights will have been trained on: generation warns about prompts outside these words and
+        # resolutions other than this one. A continued run keeps the words it knew before.
+        models.trained_on = TrainingRecord(True, models.config.resolution,
+                                         tuple(sorted(set(corpus.words) | set(models.trained_on.words))))
         if opts.stage == "vae-image":  # the image KL-VAE: the same tree without temporal layers
             image_cfg = dataclasses.replace(models.config.vae, temporal=False)
             self.net = TKLVAE(image_cfg).to(device)
@@ -172,7 +179,8 @@ class Trainer:
         path = self.run_dir / "state.pt"
         if not path.is_file():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors, numbers, strings and containers only; a state file never runs code when loaded.
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if state["stage"] != self.opts.stage or state.get("done"):
             return False
         if self.opts.stage == "vae-image":  # models.safetensors holds the image VAE's weights mid-stage
@@ -253,10 +261,10 @@ class Trainer:
         drop = torch.rand(ids.shape, generator=self.torch_gen, device=self.device) < opts.prompt_dropout
         ids = torch.where(drop, torch.full_like(ids, corpus.empty), ids)
         context = models.text(corpus.tokens[ids.flatten()]).unflatten(0, ids.shape)  # (B, L, 77, d)
-        t = torch.randint(0, len(self.alphas), (len(picks),), generator=self.torch_gen, device=self.device)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (len(picks),), generator=self.torch_gen,
+                          device=self.device)
         eps = torch.randn(x0.shape, generator=self.torch_gen, device=self.device)
-        ab = self.alphas[t].view(-1, 1, 1, 1, 1)
-        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        x_t = self.schedule.add_noise(x0.float(), eps, t)  # fp32 even under bf16 autocast
         pred = models.unet(x_t, t, context, cond, latent_mask)
         return F.mse_loss(pred.float(), eps)
 
