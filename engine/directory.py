@@ -48,7 +48,8 @@ def read_manifest(directory: str | Path) -> dict:
                         f"--out {d}")
     missing = [n for n in NETWORKS if n not in manifest.get("networks", {})]
     if missing or manifest.get("backend") not in BACKENDS:
-        raise UserError(f"{path} lacks networks {missing} or names an unknown backend; rebuild with --force")
+        raise UserError(f"{path} lacks networks {missing} or names an unknown backend; rebuild with "
+                        "trt-nuwaxl build --force")
     return manifest
 
 

@@ -181,7 +181,8 @@ class TrtEngine:
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self.engine is None:
-            raise UserError(f"could not load {plan_path} ({self.logger.errors[-1:]}); rebuild with --force")
+            raise UserError(f"could not load {plan_path} ({self.logger.errors[-1:]}); rebuild with "
+                            "trt-nuwaxl build --force")
         self.contexts: dict[int, object] = {}
 
     def _context(self, stream: torch.cuda.Stream):

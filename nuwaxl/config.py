@@ -19,6 +19,14 @@ MIN_FRAMES_PER_CALL = 3  # local diffusion keeps a first and a last frame and ge
 LARGE_VIDEO_FRAMES = 3376
 
 
+def from_fields(kind, values: dict, what: str):
+    """A dataclass from its JSON form (lists become tuples); unknown names fail with the likely reason."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(kind)}
+    if unknown:
+        raise UserError(f"unknown {what} {sorted(unknown)}: written by a newer trt-nuwaxl?")
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """T-KLVAE (paper section 3.1): an LDM KL autoencoder with temporal layers (Eq. 1-2)."""
@@ -94,11 +102,7 @@ class SamplingDefaults:
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingDefaults:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise UserError(f"unknown sampling defaults {sorted(unknown)}: written by a newer trt-nuwaxl?")
-        return cls(**d)
+        return from_fields(cls, d, "sampling defaults")
 
 
 def check_guidance_scale(value: object) -> None:
@@ -121,11 +125,7 @@ class TrainingRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainingRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise UserError(f"unknown training record fields {sorted(unknown)}: written by a newer trt-nuwaxl?")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return from_fields(cls, d, "training record fields")
 
 
 RANDOM_WEIGHTS = TrainingRecord(trained=False)
@@ -173,20 +173,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        def sub(kind, values):
-            names = {f.name for f in dataclasses.fields(kind)}
-            unknown = set(values) - names
-            if unknown:
-                raise UserError(f"unknown {kind.__name__} fields {sorted(unknown)}: written by a newer trt-nuwaxl?")
-            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
         d = dict(d)
-        parts = {
-            "vae": sub(VAEConfig, d.pop("vae", {})),
-            "unet": sub(UNetConfig, d.pop("unet", {})),
-            "text": sub(TextConfig, d.pop("text", {})),
-            "diffusion": sub(DiffusionConfig, d.pop("diffusion", {})),
-        }
+        parts = {name: from_fields(kind, d.pop(name, {}), f"{kind.__name__} fields")
+                 for name, kind in (("vae", VAEConfig), ("unet", UNetConfig), ("text", TextConfig),
+                                    ("diffusion", DiffusionConfig))}
         return cls(**d, **parts)
 
 

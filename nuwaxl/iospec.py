@@ -50,7 +50,8 @@ class IOSpec:
     def check_batch(self, batch: int) -> None:
         if not self.batch_min <= batch <= self.batch_max:
             raise UserError(f"{self.network}: batch {batch} is outside the built range "
-                            f"{self.batch_min}..{self.batch_max}; rebuild the engines with a larger --max-rows")
+                            f"{self.batch_min}..{self.batch_max}; rebuild the engines with a larger "
+                            f"{option('max_rows')}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,6 +12,13 @@ from nuwaxl.runtime.pipeline import Pipeline
 # (the bundled-weights eval test took 80 s instead of 17 s that way).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
+MAX_ROWS = 4  # the engine fixtures' batch range: 1..4 rows
+
+
+def quiet(msg: str) -> None:
+    """A build log that says nothing."""
+
+
 STORY = ["a red caveman walks", "a blue dinosaur jumps", "the sun sets"]
 # A small request on the tiny preset: 40 frames with L=8 (depth 2: 1 global + 6 local calls), 4 steps.
 KW = dict(num_frames=40, frames_per_call=8, num_inference_steps=4, seed=3, progress=False)

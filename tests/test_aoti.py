@@ -7,16 +7,10 @@ pytest-xdist (`-n 2 --dist loadfile`, as CI runs) it compiles while another work
 import json
 
 import pytest
-from conftest import assert_engines_match_pytorch
+from conftest import MAX_ROWS, assert_engines_match_pytorch, quiet
 
 from nuwaxl.build import build
 from nuwaxl.iospec import NETWORKS
-
-MAX_ROWS = 4
-
-
-def quiet(msg):
-    pass
 
 
 @pytest.fixture(scope="session")

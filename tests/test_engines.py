@@ -11,7 +11,7 @@ import shutil
 import onnx
 import pytest
 import torch
-from conftest import assert_engines_match_pytorch
+from conftest import MAX_ROWS, assert_engines_match_pytorch, quiet
 
 from nuwaxl.build import build
 from nuwaxl.cli import main
@@ -22,13 +22,8 @@ from nuwaxl.errors import UserError
 from nuwaxl.export.onnx_export import TOLERANCE
 from nuwaxl.iospec import NETWORKS, IOSpec, io_specs
 
-MAX_ROWS = 4
 TRT = tensorrt_backend.status()
 needs_trt_build = pytest.mark.skipif(not TRT["can_build"], reason=str(TRT["why_not_build"]))
-
-
-def quiet(msg):
-    pass
 
 
 @pytest.fixture(scope="session")

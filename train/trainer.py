@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from nuwaxl.config import TrainingRecord
 from nuwaxl.diffusion import NoiseSchedule
-from nuwaxl.errors import UserError
+from nuwaxl.errors import UserError, option
 from nuwaxl.files import atomic_output, write_text
 from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
 from nuwaxl.models.vae import TKLVAE
@@ -295,7 +295,8 @@ class Trainer:
                 with self.amp if self.amp is not None else torch.enable_grad():
                     loss = self.loss()
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at step {self.step} of {opts.stage}; lower --lr")
+                    raise FloatingPointError(f"non-finite loss at step {self.step} of {opts.stage}; "
+                                             f"lower {option('lr')}")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.trainable.values(), 1.0)
