@@ -124,8 +124,9 @@ def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_
 
 
 def frame_buffer_bytes(request: Request, config: ModelConfig, bytes_per_value: int = 4) -> int:
-    """Memory the largest batch's frames need while it is decoded and handed out: pixels on the device
-    (`bytes_per_value` each) plus their uint8 copy on the host. A lower bound: activations come on top."""
+    """Memory the largest batch's frames take while it is decoded and handed out: pixels on the device
+    (`bytes_per_value` each: 4 for fp32, the most a precision takes) plus their uint8 copy on the host. The frames
+    alone: the models' activations come on top."""
     L, res = request.plan.frames_per_call, config.resolution
     calls = max(min(len(level), request.max_batch) for level in request.plan.levels)
     return calls * L * 3 * res * res * (bytes_per_value + 1)

@@ -203,8 +203,11 @@ def test_stale_partial_files_of_the_same_output_are_removed(tmp_path):
 def _start_generate(tmp_path):
     out = tmp_path / "v.mp4"
     script = Path(sys.executable).parent / "trt-nuwaxl"
+    # A shell starts background jobs (CI runners, `cmd &`) with SIGINT ignored, and Python keeps an ignored SIGINT:
+    # give the child the disposition a terminal's foreground process has.
     proc = subprocess.Popen([str(script), "generate", "--preset", "tiny", "--frames", "3000", "--steps", "50",
-                             "--quiet", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+                             "--quiet", "--out", str(out)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(tmp_path.glob(".v.mp4.*.partial.mp4")):  # the video is being written
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
