@@ -1,8 +1,9 @@
 """The engine directory: a self-describing artifact written by `trt-nuwaxl build`, read by `generate --engines`.
 
-    DIR/engines.json          backend, precision, batch range, frames and resolution, model config, provenance,
-                              one IOSpec per network, stage timings, library versions (written last: a directory
-                              without it is an incomplete build)
+    DIR/engines.json          format v2: backend, precision, row range, frames and resolution, model config,
+                              provenance, the weights' sampling defaults and training record, one IOSpec and the
+                              file sizes per network, stage timings, library versions (written last: a directory
+                              without it is an incomplete build; loading checks files and specs against it)
     DIR/tokenizer.json        the prompt tokenizer
     DIR/checkpoint.safetensors  the weights the engines came from (parity reference; torch eager/compile modes)
     DIR/onnx/NET.onnx(.data)  exported networks + NET.json export manifest with measured parity
