@@ -109,7 +109,7 @@ def _sampling(path, meta: dict[str, str]) -> SamplingDefaults:
         raise UserError(f"checkpoint {path} has malformed sampling defaults ({e})") from None
 
 
-def _training(path, meta: dict[str, str]) -> TrainingRecord:
+def _trained_on(path, meta: dict[str, str]) -> TrainingRecord:
     if "trained_on" not in meta:  # written before training records existed: trained, on what is not known
         return TrainingRecord()
     try:
@@ -123,7 +123,7 @@ def read_card(path: str | os.PathLike) -> WeightsCard:
     weights."""
     meta = read_metadata(path)
     config = _config(path, meta)
-    return WeightsCard(f"checkpoint {path}", config, _sampling(path, meta), _training(path, meta),
+    return WeightsCard(f"checkpoint {path}", config, _sampling(path, meta), _trained_on(path, meta),
                        meta.get("tokenizer") or default_tokenizer_json())
 
 
@@ -142,7 +142,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> NuwaModels:
     meta = read_metadata(path)
     config = _config(path, meta)
-    models = NuwaModels(config, meta.get("tokenizer"), _sampling(path, meta), _training(path, meta))
+    models = NuwaModels(config, meta.get("tokenizer"), _sampling(path, meta), _trained_on(path, meta))
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
