@@ -5,7 +5,8 @@
 
 `compile` exports and packages one small module (`lin`, `lin32`: nn.Linear fp16 / fp32; `emb`: nn.Embedding;
 `clip-eager`, `clip-sdpa`: a 2-layer CLIP text encoder) with a dynamic batch; `load` opens it in a fresh process and
-runs it. Results: benchmarks/results/aoti-load-crash-h200.md."""
+runs it (`load-after-eager`: after an eager matmul and convolution).
+Results: benchmarks/results/aoti-load-crash-h200.md."""
 import faulthandler
 import sys
 
@@ -59,7 +60,12 @@ if stage == "compile":
         prog = torch.export.export(net, (ids,), dynamic_shapes=({0: torch.export.Dim("b", min=2, max=69)},))
         torch._inductor.aoti_compile_and_package(prog, package_path=pt2)
     print(which, "compiled", flush=True)
-else:
+else:  # load, or load-after-eager: one eager CUDA matmul and convolution first (cuBLAS and cuDNN initialized)
+    if stage == "load-after-eager":
+        a = torch.randn(64, 64, device="cuda")
+        torch.nn.functional.conv2d(a[None, None], torch.randn(1, 1, 3, 3, device="cuda"))
+        torch.cuda.synchronize()
+        print(which, "eager", float((a @ a).sum()) != 0, flush=True)
     fn = torch._inductor.aoti_load_package(pt2)
     print(which, "loaded", flush=True)
     x = (torch.randn(3, 77, 128, device="cuda", dtype=torch.float32 if which == "lin32" else torch.float16)
