@@ -62,7 +62,10 @@ if stage == "compile":
         prog = torch.export.export(net, (ids,), dynamic_shapes=({0: torch.export.Dim("b", min=2, max=69)},))
         torch._inductor.aoti_compile_and_package(prog, package_path=pt2)
     print(which, "compiled", flush=True)
-else:  # load, or load-after-eager: one eager CUDA matmul and convolution first (cuBLAS and cuDNN initialized)
+else:  # load; load-after-eager: an eager CUDA matmul and convolution first (cuBLAS and cuDNN initialized);
+    # IMPORT_BUILD=1: after importing what `nuwaxl.build` imports
+    if os.environ.get("IMPORT_BUILD") == "1":
+        import nuwaxl.build  # noqa: F401
     if stage == "load-after-eager":
         a = torch.randn(64, 64, device="cuda")
         torch.nn.functional.conv2d(a[None, None], torch.randn(1, 1, 3, 3, device="cuda"))
