@@ -6,9 +6,11 @@ on the same backend, sampler and step count. Random weights: speed does not depe
     python benchmarks/speed.py --set cpu-smoke --out r.json                                   # anywhere
     pytest benchmarks/test_speed.py --benchmark-enable                                        # pytest-benchmark form
 
+    python benchmarks/speed.py --set table1-128 --engines DIR --out r.json    # built engines (`trt-nuwaxl build`)
+
 Per scenario: wall time (median and spread over repeats, warm-up excluded), GPU-seconds, frames/s, time to first
-frame, peak memory, and utilization = model FLOPs (torch's FlopCounterMode on each whole network, scaled by the calls
-and steps made; the UNet's once-per-call part is counted at every step, as the model defines the work) / wall time /
+frame, peak memory, and utilization = model FLOPs (torch's FlopCounterMode on each network, on the meta device,
+scaled by the calls and steps made: `unet_prepare` once per call, `unet_step` per step) / wall time /
 (peak FLOP rate x GPUs).
 """
 
@@ -92,24 +94,24 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def flops_per_item(pipe: Pipeline, frames_per_call: int) -> dict[str, float]:
-    """FLOPs of one batch row of each network (one call of L frames; one prompt), counted by torch."""
+def flops_per_item(config, frames_per_call: int) -> dict[str, float]:
+    """FLOPs of one batch row of each network (one call of L frames; one prompt), counted by torch on the meta
+    device (no memory, the same count for every backend)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nuwaxl.export.onnx_export import sample_inputs
+    from nuwaxl.models.checkpoint import NuwaModels
+    from nuwaxl.models.networks import networks
 
-    nets, spec = pipe.nets, pipe.nets.spec
-    specs = io_specs(spec.config, precision_name(spec.dtype), 1, frames_per_call)
+    specs = io_specs(config, "fp32", 1, frames_per_call)
     out = {}
-    for name, engine in nets.engines.items():
-        feeds = sample_inputs(specs[name], 1, spec.device, spec.dtype, spec.config.text.vocab_size,
-                              torch.Generator().manual_seed(0))
-        module = getattr(engine, "module", None)
-        if module is None:
-            return {}
-        with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            module(*feeds.values())
-        out[name] = float(counter.get_total_flops())
+    with torch.device("meta"):
+        nets = networks(NuwaModels(config))
+        for name, module in nets.items():
+            feeds = [torch.zeros(t.concrete(1), dtype=torch.int64 if t.dtype == "int64" else torch.float32)
+                     for t in specs[name].inputs]
+            with FlopCounterMode(display=False) as counter, torch.inference_mode():
+                module(*feeds)
+            out[name] = float(counter.get_total_flops())
     return out
 
 
@@ -126,8 +128,8 @@ def counted_flops(pipe: Pipeline, s: Scenario, per_item: dict[str, float]) -> fl
     """Total FLOPs of a run: UNet rows x steps, VAE encodes and decodes per call, prompts encoded once each."""
     calls = len(plan_for(pipe, s).calls)
     prompts = len(set(STORY))
-    return (per_item.get("unet", 0) * calls * s.steps + (per_item.get("vae_encoder", 0) +
-            per_item.get("vae_decoder", 0)) * calls + per_item.get("text_encoder", 0) * (prompts + 1))
+    return (per_item["unet_step"] * calls * s.steps + (per_item["unet_prepare"] + per_item["vae_encoder"] +
+            per_item["vae_decoder"]) * calls + per_item["text_encoder"] * (prompts + 1))
 
 
 def run_once(pipe: Pipeline, s: Scenario) -> dict:
@@ -193,6 +195,8 @@ def main() -> None:
     ap.add_argument("--set", choices=SETS, default="cpu-smoke")
     ap.add_argument("--backend", default="eager",
                     help="torch mode: eager, compile, cudagraph or compile-cudagraph")
+    ap.add_argument("--engines", default=None,
+                    help="an engine directory (trt-nuwaxl build): run the scenarios of its preset and resolution on it")
     ap.add_argument("--steps", type=int, default=None, help="override the scenarios' step count (default 50)")
     ap.add_argument("--only", default=None, help="comma list of scenario names to run")
     ap.add_argument("--out", required=True)
@@ -206,16 +210,27 @@ def main() -> None:
     rank = world()[0]
     env = environment(device)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in env.get("gpu", "")), None)
-    results = {"set": args.set, "backend": f"torch-{args.backend}", "weights": "random (seed 0)", "env": env,
-               "peak_tflops_assumed": peak, "scenarios": []}
     pipes = {}
+    if args.engines:  # one directory: its preset, resolution and L
+        t0 = time.perf_counter()
+        pipe = Pipeline.from_engines(args.engines, device=str(device))
+        cfg, spec = pipe.config, pipe.nets.spec
+        scenarios = [replace(s, frames_per_call=spec.frames_per_call) for s in scenarios
+                     if (s.preset, s.resolution) == (cfg.name, cfg.resolution)]
+        pipes[(cfg.name, cfg.resolution)] = pipe
+        backend = {"engines": args.engines, "backend": spec.backend, "cuda_graphs": spec.cuda_graphs,
+                   "load_s": round(time.perf_counter() - t0, 2)}
+    else:
+        backend = f"torch-{args.backend}"
+    results = {"set": args.set, "backend": backend, "weights": "random (seed 0)", "env": env,
+               "peak_tflops_assumed": peak, "scenarios": []}
     for s in scenarios:
         key = (s.preset, s.resolution)
         if key not in pipes:
             pipes[key] = Pipeline.from_preset(s.preset, device=str(device), resolution=s.resolution,
                                               torch_mode=args.backend)
         pipe = pipes[key]
-        per_item = flops_per_item(pipe, s.frames_per_call)
+        per_item = flops_per_item(pipe.config, s.frames_per_call)
         row = run_scenario(pipe, s, per_item, peak)
         results["scenarios"].append(row)
         if rank == 0:

@@ -1,14 +1,16 @@
 """The engine directory: a self-describing artifact written by `trt-nuwaxl build`, read by `generate --engines`.
 
-    DIR/engines.json          format v2: backend, precision, row range, frames and resolution, model config,
-                              provenance, the weights' sampling defaults and training record, one IOSpec and the
+    DIR/engines.json          format v3: backend, precision, row range, frames and resolution, model config,
+                              the weights' source (a checkpoint's path, size and sha256, or a preset and
+                              seed: never a copy), their sampling defaults and training record, one IOSpec and the
                               file sizes per network, stage timings, library versions (written last: a directory
                               without it is an incomplete build; loading checks files and specs against it)
     DIR/tokenizer.json        the prompt tokenizer
-    DIR/checkpoint.safetensors  the weights the engines came from (parity reference; torch eager/compile modes)
     DIR/onnx/NET.onnx(.data)  exported networks + NET.json export manifest with measured parity
     DIR/tensorrt/NET.plan     TensorRT plans + NET.json (cache key, target GPUs, I/O read back from TensorRT)
     DIR/torch/NET.pt2         AOTInductor packages + NET.json (parity)
+
+NET is each of `nuwaxl.iospec.NETWORKS`: the UNet is two networks, `unet_prepare` and `unet_step`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from pathlib import Path
 from nuwaxl.config import ModelConfig, SamplingDefaults, TrainingRecord, WeightsCard
 from nuwaxl.dtypes import torch_dtype
 from nuwaxl.engine.base import EngineNetworks, NetworkSpec
-from nuwaxl.engine.registry import BACKENDS, ENGINE_TORCH_MODES
+from nuwaxl.engine.graphs import GraphedEngine
+from nuwaxl.engine.registry import BACKENDS, ENGINE_TORCH_MODES, backend_module
 from nuwaxl.errors import UserError, option
 from nuwaxl.iospec import NETWORKS, IOSpec, io_specs
 from nuwaxl.tokenizer import PromptTokenizer
 
-FORMAT, FORMAT_VERSION, MANIFEST = "nuwaxl-engines", 2, "engines.json"
+FORMAT, FORMAT_VERSION, MANIFEST = "nuwaxl-engines", 3, "engines.json"
+# What changed in each format version, for the "rebuild" message an older directory gets.
+FORMAT_CHANGES = {3: "the UNet is two networks now (unet_prepare once per batch of calls, unet_step per step)"}
 
 
 def build_hint(directory: str | Path) -> str:
@@ -45,8 +50,8 @@ def read_manifest(directory: str | Path) -> dict:
         raise UserError(f"{path} is corrupt ({e}); rebuild with trt-nuwaxl build --force --out {d}") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} is format {manifest.get('format')!r} v{manifest.get('format_version')}, this "
-                        f"trt-nuwaxl reads {FORMAT!r} v{FORMAT_VERSION}; rebuild with trt-nuwaxl build --force "
-                        f"--out {d}")
+                        f"trt-nuwaxl reads {FORMAT!r} v{FORMAT_VERSION} ({FORMAT_CHANGES[FORMAT_VERSION]}); rebuild "
+                        f"with trt-nuwaxl build --force --out {d}")
     missing = [n for n in NETWORKS if n not in manifest.get("networks", {})]
     if missing or manifest.get("backend") not in BACKENDS:
         raise UserError(f"{path} lacks networks {missing} or names an unknown backend; rebuild with "
@@ -69,6 +74,22 @@ def read_card(directory: str | Path) -> WeightsCard:
     return WeightsCard(f"engines {d}", config, SamplingDefaults.from_dict(m.get("sampling", {})),
                        trained_on(m), tokenizer.read_text(encoding="utf-8"), m["frames_per_call"],
                        m["precision"])
+
+
+def load_weights(directory: Path, manifest: dict):
+    """The weights an engine directory was built from (it records them, it does not copy them): the checkpoint
+    file, checked by size, or the preset's random weights regenerated from their seed."""
+    from nuwaxl.config import preset
+    from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint
+
+    w = manifest["weights"]
+    if w["source"].startswith("preset:"):
+        return NuwaModels.random(preset(w["source"].removeprefix("preset:")), seed=w["seed"])
+    path = Path(w["source"])
+    if not path.is_file() or path.stat().st_size != w["bytes"]:
+        raise UserError(f"the engines in {directory} were built from {path}, which is missing or changed; the "
+                        f"live torch modes need it (the AOTInductor packages do not: {option('torch_mode', 'aoti')})")
+    return load_checkpoint(path)
 
 
 def check_files(directory: Path, manifest: dict) -> dict[str, IOSpec]:
@@ -96,8 +117,10 @@ def check_files(directory: Path, manifest: dict) -> dict[str, IOSpec]:
     return stored
 
 
-def load_engines(directory: str | Path, device: str | None = None, torch_mode: str = "aoti") -> EngineNetworks:
-    """Open every engine of a directory on `device` (default: the one it was built for)."""
+def load_engines(directory: str | Path, device: str | None = None, torch_mode: str = "aoti",
+                 cuda_graphs: bool = True) -> EngineNetworks:
+    """Open every engine of a directory on `device` (default: the one it was built for). On a GPU each network
+    runs as CUDA graphs, one per batch shape (`engine.graphs`), where its backend can be captured."""
     from nuwaxl.engine.torch_backend import resolve_device
 
     d = Path(directory)
@@ -109,27 +132,24 @@ def load_engines(directory: str | Path, device: str | None = None, torch_mode: s
     dtype = torch_dtype(precision)
     if torch_mode not in ENGINE_TORCH_MODES:
         raise UserError(f"unknown torch mode {torch_mode!r}; use one of {', '.join(ENGINE_TORCH_MODES)}")
-    if backend == "torch" and torch_mode != "aoti":  # live modules from the directory's checkpoint
-        from nuwaxl.engine.torch_backend import from_checkpoint
+    if backend == "torch" and torch_mode != "aoti":  # live modules from the weights the engines were built from
+        from nuwaxl.engine.torch_backend import torch_networks
 
-        return from_checkpoint(d / "checkpoint.safetensors", device=str(dev), precision=precision,
-                               resolution=config.resolution, torch_mode=torch_mode)
+        return torch_networks(load_weights(d, m), device=str(dev), precision=precision,
+                              resolution=config.resolution, torch_mode=torch_mode)
     specs = check_files(d, m)
-    if backend == "onnxruntime":
-        from nuwaxl.engine.onnxruntime_backend import OrtEngine
-
-        engines = {n: OrtEngine(d / "onnx" / f"{n}.onnx", specs[n], dev) for n in NETWORKS}
-    elif backend == "tensorrt":
-        from nuwaxl.engine.tensorrt_backend import TrtEngine
-
-        engines = {n: TrtEngine(d / "tensorrt" / f"{n}.plan", specs[n], dev) for n in NETWORKS}
-    else:
-        from nuwaxl.engine.torch_backend import AotiEngine
-
-        if dev.type != m["device_type"]:
-            raise UserError(f"the AOTInductor packages in {d} were compiled for {m['device_type']}, not "
-                            f"{dev.type}; rebuild on this device or use {option('device', m['device_type'])}")
-        engines = {n: AotiEngine(d / "torch" / f"{n}.pt2", specs[n]) for n in NETWORKS}
+    module = backend_module(backend)
+    if backend == "torch" and dev.type != m["device_type"]:
+        raise UserError(f"the AOTInductor packages in {d} were compiled for {m['device_type']}, not "
+                        f"{dev.type}; rebuild on this device or use {option('device', m['device_type'])}")
+    engines = {n: module.load(d, n, specs[n], dev) for n in NETWORKS}
+    graphs = "off: CPU device" if dev.type != "cuda" else "off: not asked for" if not cuda_graphs else "on"
+    if graphs == "on":
+        # ONNX Runtime says per session whether it can capture (`cuda_graphs`); the others are captured by torch.
+        why = next((e.cuda_graphs for e in engines.values() if getattr(e, "cuda_graphs", "on") != "on"), None)
+        graphs = why or "on"
+        if why is None:
+            engines = {n: GraphedEngine(e, specs[n]) for n, e in engines.items()}
     tokenizer = PromptTokenizer(card.tokenizer_json, config.text.max_length)
     return EngineNetworks(engines, tokenizer, NetworkSpec(config, dev, dtype, m["frames_per_call"], backend,
-                                                          card.sampling, card.trained_on))
+                                                          card.sampling, card.trained_on, graphs))

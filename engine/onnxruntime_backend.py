@@ -29,31 +29,97 @@ def status() -> dict:
             "why_no_cuda": None if cuda else "this onnxruntime build has no CUDA provider: install onnxruntime-gpu"}
 
 
+def load(directory: Path, name: str, spec: IOSpec, device: torch.device) -> OrtEngine:
+    """The engine directory's network `name` (registry protocol)."""
+    return OrtEngine(directory / "onnx" / f"{name}.onnx", spec, device)
+
+
+def files(directory: Path, name: str) -> list[str]:
+    """The files of one network that generation opens (their sizes go into the manifest)."""
+    data = f"onnx/{name}.onnx.data"
+    return [f"onnx/{name}.onnx"] + ([data] if (directory / data).exists() else [])
+
+
+def _run_options(graph_id: int) -> ort.RunOptions:
+    opts = ort.RunOptions()
+    # The host does not wait for the GPU after each run: ordering is by CUDA stream (see OrtEngine).
+    opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    if graph_id:  # -1: a plain run in a session that captures CUDA graphs; k > 0: replay (or capture) graph k
+        opts.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return opts
+
+
 class OrtEngine:
-    def __init__(self, onnx_path: str | Path, spec: IOSpec, device: torch.device):
+    """An ONNX Runtime session. On a GPU: the CUDA provider on the engine's own CUDA stream (ordered after the
+    caller's stream and before it again, no host sync), I/O bound to torch tensors, and CUDA graphs through ONNX
+    Runtime's own option (`enable_cuda_graph`, one graph per shape by `gpu_graph_id`, fixed I/O addresses).
+    `cuda_graphs` says "on" or why not (ONNX Runtime captures only sessions whose every node runs on the GPU)."""
+
+    def __init__(self, onnx_path: str | Path, spec: IOSpec, device: torch.device, cuda_graphs: bool = True):
         if ort is None:
             raise UserError("onnxruntime is not installed; pip install onnxruntime (CPU) or onnxruntime-gpu")
         if not Path(onnx_path).is_file():
             raise UserError(f"ONNX file missing: {onnx_path}; rebuild the engines with trt-nuwaxl build")
         self.spec, self.device = spec, device
+        self.graph_ids: dict[tuple, int] = {}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        self.stream = None
+        self.cuda_graphs = "off: CPU device"
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UserError("the installed onnxruntime has no CUDA provider; install onnxruntime-gpu "
                                 "(in place of onnxruntime) or run on --device cpu")
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()  # use the CUDA / cuDNN libraries that torch ships (ORT >= 1.21)
-            stream = torch.cuda.current_stream(device).cuda_stream  # run on torch's stream: ordered, no host sync
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0,
-                                                    "user_compute_stream": str(stream)}), "CPUExecutionProvider"]
+            self.stream = torch.cuda.Stream(device)
+            cuda = {"device_id": device.index or 0, "user_compute_stream": str(self.stream.cuda_stream)}
+            attempts = ([{**cuda, "enable_cuda_graph": "1"}] if cuda_graphs else []) + [cuda]
         else:
-            providers = ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise UserError(f"ONNX Runtime cannot load {onnx_path} ({str(e)[:200]}); rebuild the engines") from None
+            attempts = [None]
+        why = None
+        for provider in attempts:
+            providers = [("CUDAExecutionProvider", provider), "CPUExecutionProvider"] if provider else \
+                ["CPUExecutionProvider"]
+            try:
+                self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types
+                why = str(e).strip().splitlines()[-1][:300]
+                continue
+            if provider:
+                self.cuda_graphs = "on" if provider.get("enable_cuda_graph") else \
+                    f"off: {why}" if why else "off: not asked for"
+            break
+        else:
+            raise UserError(f"ONNX Runtime cannot load {onnx_path} ({why}); rebuild the engines")
+        self.plain = _run_options(-1 if self.cuda_graphs == "on" else 0)
+        if self.cuda_graphs == "on":
+            self.capture = self._capture  # found by GraphedEngine
+
+    def _bind(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]):
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        for t in self.spec.inputs:
+            x = feeds[t.name]
+            binding.bind_input(t.name, "cuda", index, NP_DTYPES[t.dtype], tuple(x.shape), x.data_ptr())
+        for t in self.spec.outputs:
+            y = outputs[t.name]
+            binding.bind_output(t.name, "cuda", index, NP_DTYPES[t.dtype], tuple(y.shape), y.data_ptr())
+        return binding
+
+    def _empty_outputs(self, batch: int) -> dict[str, torch.Tensor]:
+        return {t.name: torch.empty(t.concrete(batch), dtype=TORCH_DTYPES[t.dtype], device=self.device)
+                for t in self.spec.outputs}
+
+    def _on_stream(self, binding, options, inputs: list[torch.Tensor]) -> None:
+        """Run on the engine's stream, after the caller's work and before the caller's next."""
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        self.session.run_with_iobinding(binding, options)
+        for x in inputs:  # read on the engine's stream: not reused by the allocator before it is done
+            x.record_stream(self.stream)
+        caller.wait_stream(self.stream)
 
     def run(self, feeds: dict[str, torch.Tensor], stream=None) -> dict[str, torch.Tensor]:
         batch = next(iter(feeds.values())).shape[0]
@@ -61,15 +127,23 @@ class OrtEngine:
         if self.device.type != "cuda":
             outs = self.session.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})
             return {t.name: torch.from_numpy(o) for t, o in zip(self.spec.outputs, outs, strict=True)}
-        binding = self.session.io_binding()
-        index = self.device.index or 0
-        for t in self.spec.inputs:
-            x = feeds[t.name].contiguous()
-            binding.bind_input(t.name, "cuda", index, NP_DTYPES[t.dtype], tuple(x.shape), x.data_ptr())
-        outputs = {}
-        for t in self.spec.outputs:
-            y = torch.empty(t.concrete(batch), dtype=TORCH_DTYPES[t.dtype], device=self.device)
-            binding.bind_output(t.name, "cuda", index, NP_DTYPES[t.dtype], tuple(y.shape), y.data_ptr())
-            outputs[t.name] = y
-        self.session.run_with_iobinding(binding)
+        feeds = {t.name: feeds[t.name].contiguous() for t in self.spec.inputs}
+        outputs = self._empty_outputs(batch)
+        self._on_stream(self._bind(feeds, outputs), self.plain, list(feeds.values()))
         return outputs
+
+    def _capture(self, static: dict[str, torch.Tensor]):
+        """ONNX Runtime's CUDA graph for these static inputs' shape: its first runs warm up, the next captures."""
+        batch = next(iter(static.values())).shape[0]
+        self.spec.check_batch(batch)
+        key = tuple(tuple(x.shape) for x in static.values())
+        graph_id = self.graph_ids.setdefault(key, len(self.graph_ids) + 1)
+        outputs = self._empty_outputs(batch)
+        binding, options = self._bind(static, outputs), _run_options(graph_id)
+
+        def replay() -> None:
+            self._on_stream(binding, options, [])
+
+        for _ in range(3):  # ONNX Runtime runs normally before it captures, then replays
+            replay()
+        return replay, outputs

@@ -155,6 +155,17 @@ def build_plan(onnx_path: Path, onnx_sha256: str, spec: IOSpec, precision: str, 
     return {**record, "reused": False}
 
 
+def load(directory: Path, name: str, spec: IOSpec, device: torch.device) -> TrtEngine:
+    """The engine directory's network `name` (registry protocol)."""
+    return TrtEngine(directory / "tensorrt" / f"{name}.plan", spec, device)
+
+
+def files(directory: Path, name: str) -> list[str]:
+    from nuwaxl.engine import onnxruntime_backend
+
+    return onnxruntime_backend.files(directory, name) + [f"tensorrt/{name}.plan"]
+
+
 class TrtEngine:
     """A deserialized plan; one execution context, with its own device memory, per CUDA stream."""
 
@@ -191,13 +202,12 @@ class TrtEngine:
             ctx = self.contexts[stream.cuda_stream] = self.engine.create_execution_context()
         return ctx
 
-    def run(self, feeds: dict[str, torch.Tensor], stream: torch.cuda.Stream | None = None) -> dict:
-        stream = stream or torch.cuda.current_stream(self.device)
+    def _set(self, ctx, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Shapes and addresses of inputs and (new) outputs on a context."""
         batch = next(iter(feeds.values())).shape[0]
         self.spec.check_batch(batch)
-        ctx = self._context(stream)
         for t in self.spec.inputs:
-            x = feeds[t.name].contiguous()
+            x = feeds[t.name]
             ctx.set_input_shape(t.name, tuple(x.shape))
             ctx.set_tensor_address(t.name, x.data_ptr())
         outputs = {}
@@ -205,6 +215,31 @@ class TrtEngine:
             y = torch.empty(t.concrete(batch), dtype=TORCH_DTYPES[t.dtype], device=self.device)
             ctx.set_tensor_address(t.name, y.data_ptr())
             outputs[t.name] = y
+        return outputs
+
+    def _enqueue(self, ctx, stream: torch.cuda.Stream) -> None:
         if not ctx.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT execution of {self.spec.network} failed: {self.logger.errors[-3:]}")
+
+    def run(self, feeds: dict[str, torch.Tensor], stream: torch.cuda.Stream | None = None) -> dict:
+        stream = stream or torch.cuda.current_stream(self.device)
+        ctx = self._context(stream)
+        outputs = self._set(ctx, {k: v.contiguous() for k, v in feeds.items()})
+        self._enqueue(ctx, stream)
         return outputs
+
+    def capture(self, static: dict[str, torch.Tensor]):
+        """A CUDA graph of `execute_async_v3` for these static inputs, as TensorRT documents it: a context of its
+        own with fixed shapes and addresses, enqueued once before the capture, then captured on its stream."""
+        ctx = self.engine.create_execution_context()
+        outputs = self._set(ctx, static)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._enqueue(ctx, stream)  # lazy initialisation happens outside the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                self._enqueue(ctx, stream)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.contexts[("graph", id(graph))] = ctx  # kept alive with the graph
+        return graph.replay, outputs

@@ -6,8 +6,12 @@ is a compiled engine file that runs without the model code.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,11 +19,10 @@ from torch import nn
 from nuwaxl.config import ModelConfig, preset
 from nuwaxl.dtypes import precision_name, torch_dtype
 from nuwaxl.engine.base import EngineNetworks, NetworkSpec
+from nuwaxl.engine.graphs import GraphedEngine
 from nuwaxl.engine.registry import TORCH_MODES, TorchMode
 from nuwaxl.errors import UserError, option
 from nuwaxl.iospec import IOSpec
-
-BIND_INPUTS = ("context", "cond", "mask")  # the UNet inputs fixed while a batch of calls is sampled
 
 
 def _compile(fn):
@@ -52,124 +55,28 @@ def resolve_dtype(precision: str | None, device: torch.device) -> torch.dtype:
     return dtype
 
 
-class TorchEngine:
-    """A live module; `compile` wraps it in torch.compile (recompiles per new batch size, then reuses).
+def named_outputs(spec: IOSpec, out) -> dict[str, torch.Tensor]:
+    """A module's or package's output (a tensor, or a tuple/list in the spec's order) by the spec's names."""
+    outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    return {t.name: y for t, y in zip(spec.outputs, outs, strict=True)}
 
-    A module with `prepare` and `step` (the UNet) can also be bound to the inputs that stay fixed while a batch
-    of calls is sampled: `bind` runs `prepare` once and returns eps(x_t, t), which runs only `step`.
-    """
+
+class TorchEngine:
+    """A live module (any batch); `compiled` wraps it in torch.compile (one graph per batch size, then reused).
+    Under the CUDA-graph torch modes it is wrapped in `GraphedEngine`."""
 
     spec = None  # live modules take any batch
 
-    def __init__(self, module: nn.Module, spec: IOSpec, mode: TorchMode = "eager"):
+    def __init__(self, module: nn.Module, spec: IOSpec, compiled: bool = False):
+        self.io = spec
         self.names = [t.name for t in spec.inputs]
-        self.out_name = spec.outputs[0].name
         self.module = module
-        compiled = mode in ("compile", "compile-cudagraph")
         self.fn = _compile(module) if compiled else module
-        self.bindable = hasattr(module, "prepare") and hasattr(module, "step")
-        if self.bindable:
-            self.prepare_fn = _compile(module.prepare) if compiled else module.prepare
-            self.step_fn = _compile(module.step) if compiled else module.step
 
     @torch.inference_mode()
     def run(self, feeds, stream=None):
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            return {self.out_name: self.fn(*(feeds[n] for n in self.names))}
-
-    @torch.inference_mode()
-    def bind(self, fixed: dict[str, torch.Tensor]):
-        """eps(x_t, timesteps) with `fixed` (context, cond, mask) prepared once; None if the module cannot."""
-        if not self.bindable:
-            return None
-        prepared = self.prepare_fn(*(fixed[n] for n in BIND_INPUTS))
-
-        @torch.inference_mode()
-        def denoise(x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return self.step_fn(x_t, timesteps, *prepared)
-
-        return denoise
-
-    def release(self) -> None:
-        """Drop cached per-shape state (CUDA graphs and their memory pools); nothing for plain modules."""
-
-
-def _capture(fn, args: list[torch.Tensor], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
-    """Warm `fn` up on a side stream (compilation, cuDNN autotuning, allocator), then capture one call."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn(*args)
-    return graph, out
-
-
-class CudaGraphEngine(TorchEngine):
-    """Captures one CUDA graph per input shape (a batch-size bucket) and replays it; the launch overhead of a
-    lone 16-frame call is most of its time (paper UNet on an H200: 23.2 ms eager vs 11.7 ms graphed, README
-    "Speed" and benchmarks/results/EXPERIMENTS.md).
-    With compile=True the graphs are captured around torch.compile'd code ("compile-cudagraph")."""
-
-    def __init__(self, module: nn.Module, spec: IOSpec, compile: bool = False):
-        super().__init__(module, spec, "compile-cudagraph" if compile else "eager")
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
-        self.bound: dict[tuple, tuple] = {}
-
-    def release(self) -> None:
-        self.graphs.clear()
-        self.bound.clear()
-
-    @torch.inference_mode()
-    def _capture(self, feeds):
-        static = {n: feeds[n].clone() for n in self.names}
-        graph, out = _capture(self.fn, [static[n] for n in self.names])
-        return graph, static, out
-
-    @torch.inference_mode()
-    def bind(self, fixed: dict[str, torch.Tensor]):
-        """Two graphs per batch shape: `prepare` (replayed here, once per batch of calls) and `step` (replayed per
-        denoising step), sharing one memory pool; `step` reads `prepare`'s outputs in place. A bound denoiser
-        is valid until the next `bind` with the same shapes (the executor binds one batch at a time)."""
-        if not self.bindable:
-            return None
-        key = tuple((n, tuple(fixed[n].shape), fixed[n].dtype) for n in BIND_INPUTS)
-        if key not in self.bound:
-            static = {n: fixed[n].clone() for n in BIND_INPUTS}
-            prep_graph, prepared = _capture(self.prepare_fn, [static[n] for n in BIND_INPUTS])
-            b, l = fixed["cond"].shape[:2]
-            x = torch.zeros_like(fixed["cond"])
-            t = torch.zeros(b, dtype=torch.int64, device=x.device)
-            step_graph, out = _capture(self.step_fn, [x, t, *prepared], pool=prep_graph.pool())
-            self.bound[key] = (static, prep_graph, x, t, step_graph, out)
-        static, prep_graph, x_static, t_static, step_graph, out = self.bound[key]
-        for n in BIND_INPUTS:
-            static[n].copy_(fixed[n], non_blocking=True)
-        prep_graph.replay()
-
-        @torch.inference_mode()
-        def denoise(x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            x_static.copy_(x_t, non_blocking=True)
-            t_static.copy_(timesteps, non_blocking=True)
-            step_graph.replay()
-            return out.clone()
-
-        return denoise
-
-    @torch.inference_mode()
-    def run(self, feeds, stream=None):
-        key = tuple((n, tuple(feeds[n].shape)) for n in self.names)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(feeds)
-        graph, static, out = self.graphs[key]
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            for n in self.names:
-                static[n].copy_(feeds[n], non_blocking=True)
-            graph.replay()
-            return {self.out_name: out.clone()}
+            return named_outputs(self.io, self.fn(*(feeds[n] for n in self.names)))
 
 
 # AOTInductor packages are compiled for batch >= 2 and a lone call is padded to 2 rows: with torch 2.13 a
@@ -177,17 +84,50 @@ class CudaGraphEngine(TorchEngine):
 AOTI_MIN_BATCH = 2
 
 
+def shares_libstdcxx(compiler: str) -> bool:
+    """Does `compiler` link the shared libstdc++ (the one this process already has loaded)? A toolchain without
+    it links libstdc++ statically into the package's .so and exports its symbols; the loaded package then mixes
+    two C++ runtimes and crashes (H200 image, CXX=/opt/gcc/bin/g++: SIGSEGV in std::regex inside
+    `aoti_load_package`, benchmarks/results/aoti-load-crash-h200.md)."""
+    try:
+        found = subprocess.run([compiler, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return os.path.isabs(found) and os.path.exists(found)
+
+
+def aoti_compiler() -> str:
+    """The C++ compiler for AOTInductor: $CXX (Inductor's choice) if it links the shared libstdc++, else the
+    first of g++, c++, clang++ that does, with a warning."""
+    wanted = os.environ.get("CXX") or "g++"
+    for name in dict.fromkeys([wanted, "g++", "c++", "clang++"]):
+        path = shutil.which(name)
+        if path and shares_libstdcxx(path):
+            if name != wanted:
+                warnings.warn(f"the C++ compiler {wanted} links libstdc++ statically, so AOTInductor packages made "
+                              f"with it crash when loaded; compiling with {path} instead", stacklevel=2)
+            return path
+    raise UserError(f"no C++ compiler that links the shared libstdc++ was found (tried {wanted}, g++, c++, "
+                    "clang++); AOTInductor needs one: install g++, or set CXX to one")
+
+
+def aoti_compile(program, package: Path) -> None:
+    """torch.export program -> AOTInductor package, with a compiler whose packages load (`aoti_compiler`)."""
+    from torch._inductor import config
+
+    with config.patch({"cpp.cxx": (aoti_compiler(),)}):
+        torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+
+
 class AotiEngine:
     """An AOTInductor package: compiled ahead of time by `trt-nuwaxl build --backend torch`."""
 
     def __init__(self, package_path, spec: IOSpec):
-        from pathlib import Path
-
         if not Path(package_path).is_file():
             raise UserError(f"AOTInductor package missing: {package_path}; rebuild with trt-nuwaxl build")
         self.spec = spec
         self.names = [t.name for t in spec.inputs]
-        self.out_name = spec.outputs[0].name
         self.fn = torch._inductor.aoti_load_package(str(package_path))
 
     @torch.inference_mode()
@@ -195,11 +135,21 @@ class AotiEngine:
         batch = next(iter(feeds.values())).shape[0]
         self.spec.check_batch(batch)
         pad = AOTI_MIN_BATCH - batch if batch < AOTI_MIN_BATCH <= self.spec.batch_max else 0
-        args = [feeds[n] if not pad else torch.cat([feeds[n]] + [feeds[n][:1]] * pad) for n in self.names]
+        # dense row-major inputs, as the package was compiled for (a view such as a transpose would be misread)
+        args = [feeds[n].contiguous() if not pad else torch.cat([feeds[n]] + [feeds[n][:1]] * pad)
+                for n in self.names]
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            out = self.fn(*args)
-        out = out[0] if isinstance(out, (list, tuple)) else out
-        return {self.out_name: out[:batch]}
+            out = named_outputs(self.spec, self.fn(*args))
+        return {k: v[:batch] for k, v in out.items()} if pad else out
+
+
+def load(directory, name: str, spec: IOSpec, device: torch.device) -> AotiEngine:
+    """The engine directory's network `name` (registry protocol)."""
+    return AotiEngine(directory / "torch" / f"{name}.pt2", spec)
+
+
+def files(directory, name: str) -> list[str]:
+    return [f"torch/{name}.pt2"]
 
 
 def channels_last_convs(module: nn.Module) -> nn.Module:
@@ -229,12 +179,14 @@ def torch_networks(models, device: str | None = None, precision: str | None = No
     if dev.type == "cuda":  # NHWC conv weights: a lone paper-UNet call 14.7 -> 9.7 ms under CUDA graphs, batch 69
         channels_last_convs(models)  # unchanged (benchmarks/results/EXPERIMENTS.md)
     specs = io_specs(config, precision_name(dtype), max_rows=1)  # names and dtypes only: live modules take any batch
+    compiled, graphed = mode in ("compile", "compile-cudagraph"), mode.endswith("cudagraph")
     engines = {}
     for name, module in networks(models).items():
-        engines[name] = (CudaGraphEngine(module, specs[name], compile=mode == "compile-cudagraph")
-                         if mode.endswith("cudagraph") else TorchEngine(module, specs[name], mode))
+        engine = TorchEngine(module, specs[name], compiled)
+        engines[name] = GraphedEngine(engine, specs[name]) if graphed else engine
+    graphs = "on" if graphed else f"off: torch mode {mode!r} (the *-cudagraph modes capture graphs)"
     return EngineNetworks(engines, models.tokenizer, NetworkSpec(config, dev, dtype, None, f"torch-{mode}",
-                                                                  models.sampling, models.trained_on))
+                                                                  models.sampling, models.trained_on, graphs))
 
 
 def from_checkpoint(path, **kw) -> EngineNetworks:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +78,22 @@ def _quiet_op_registry():
         registry.setLevel(level)
 
 
+def dynamic_shapes(module: nn.Module, spec: IOSpec, batch) -> tuple:
+    """torch.export's dynamic_shapes for `module(*inputs)`: the batch axis (a `Dim`, or None for static) of every
+    input, structured like the signature (a `*prepared` parameter takes the remaining inputs as one tuple)."""
+    entry = {0: batch} if batch is not None else None
+    params = list(inspect.signature(module.forward).parameters.values())
+    fixed = [p for p in params if p.kind != p.VAR_POSITIONAL]
+    rest = len(spec.inputs) - len(fixed)
+    return tuple([entry] * len(fixed)) + ((tuple([entry] * rest),) if rest else ())
+
+
 def export_onnx(module: nn.Module, spec: IOSpec, path: Path, sample: dict[str, torch.Tensor]) -> dict:
     """Export with a dynamic batch axis; returns facts for the manifest."""
     names = [t.name for t in spec.inputs]
     dynamic = spec.batch_max > spec.batch_min
     batch = torch.export.Dim(BATCH, min=spec.batch_min, max=spec.batch_max) if dynamic else None
-    shapes = tuple({0: batch} if dynamic else None for _ in names)
+    shapes = dynamic_shapes(module, spec, batch)
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     t0 = time.perf_counter()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), _quiet_op_registry():
@@ -99,10 +111,10 @@ def export_onnx(module: nn.Module, spec: IOSpec, path: Path, sample: dict[str, t
             "export_s": round(time.perf_counter() - t0, 2)}
 
 
-def measure_parity(session_run, reference: nn.Module, spec: IOSpec, precision: str, batches: list[int],
+def measure_parity(session_run: Callable[[dict], dict], reference: nn.Module, spec: IOSpec, precision: str, batches: list[int],
                    device: torch.device, vocab_size: int, seed: int = 0) -> dict:
-    """Run the ONNX model and the fp32 PyTorch reference on fresh random inputs at each batch size (none: the
-    result says it was not measured)."""
+    """Run the engine (`session_run(feeds) -> outputs by name`) and the fp32 PyTorch reference on fresh random
+    inputs at each batch size; each batch records its worst output (none: the result says it was not measured)."""
     metric = {"metric": "max|onnx - torch_fp32| / max|torch_fp32|", "tolerance": TOLERANCE[precision]}
     if not batches:
         return {**metric, "measured": False, "passed": None, "worst_rel_err": None, "batches": {}}
@@ -112,13 +124,18 @@ def measure_parity(session_run, reference: nn.Module, spec: IOSpec, precision: s
     for b in sorted(set(batches)):
         feeds = sample_inputs(spec, b, device, dtype, vocab_size, g)
         with torch.inference_mode():
-            ref = reference(*(x.float() if x.is_floating_point() else x for x in feeds.values())).float()
-        out = session_run(feeds).float()
-        abs_err = (out - ref).abs().max().item()
-        scale = ref.abs().max().item()
-        rel = abs_err / max(scale, 1e-6)
-        results[str(b)] = {"max_abs_err": abs_err, "ref_max_abs": scale, "rel_err": rel,
-                           "finite": bool(torch.isfinite(out).all())}
+            ref = reference(*(x.float() if x.is_floating_point() else x for x in feeds.values()))
+        refs = (ref,) if isinstance(ref, torch.Tensor) else tuple(ref)
+        outs = session_run(feeds)
+        errors = []
+        for t, r in zip(spec.outputs, refs, strict=True):  # the worst output of the network
+            out, r = outs[t.name].float(), r.float()
+            abs_err, scale = (out - r).abs().max().item(), r.abs().max().item()
+            errors.append({"output": t.name, "max_abs_err": abs_err, "ref_max_abs": scale,
+                           "rel_err": abs_err / scale if scale > 0 else abs_err,  # an all-zero output: absolute
+                           "finite": bool(torch.isfinite(out).all())})
+        worst = max(errors, key=lambda e: e["rel_err"])
+        results[str(b)] = {**worst, "finite": all(e["finite"] for e in errors)}
     worst = max(r["rel_err"] for r in results.values())
     ok = worst <= TOLERANCE[precision] and all(r["finite"] for r in results.values())
     return {**metric, "measured": True, "worst_rel_err": worst, "passed": ok, "batches": results}

@@ -21,20 +21,29 @@ class TextEncoderNet(nn.Module):
         return self.text(input_ids)
 
 
-class UNetNet(nn.Module):
+class UNetPrepareNet(nn.Module):
+    """The UNet's step-invariant part, once per batch of calls: (context, cond, mask) -> the prepared tensors of
+    `nuwaxl.iospec.prepared_tensors`, each (B, L, ...)."""
+
     def __init__(self, models: NuwaModels):
         super().__init__()
         self.unet = models.unet
 
-    def forward(self, x_t, timesteps, context, cond, mask):
-        return self.unet(x_t, timesteps, context, cond, mask)
+    def forward(self, context, cond, mask) -> tuple[torch.Tensor, ...]:
+        b, l = cond.shape[:2]
+        # contiguous: engines read their inputs as dense row-major buffers (PA's keys and values are transposes)
+        return tuple(t.unflatten(0, (b, l)).contiguous() for t in self.unet.prepare(context, cond, mask))
 
-    # Live-module engines split the network: `prepare` once per batch of calls, `step` once per denoising step.
-    def prepare(self, context, cond, mask) -> list[torch.Tensor]:
-        return self.unet.prepare(context, cond, mask)
 
-    def step(self, x_t, timesteps, *prepared) -> torch.Tensor:
-        return self.unet.step(x_t, timesteps, list(prepared))
+class UNetStepNet(nn.Module):
+    """One denoising step: (x_t, timesteps, *prepared) -> eps."""
+
+    def __init__(self, models: NuwaModels):
+        super().__init__()
+        self.unet = models.unet
+
+    def forward(self, x_t, timesteps, *prepared) -> torch.Tensor:
+        return self.unet.step(x_t, timesteps, [t.flatten(0, 1) for t in prepared])
 
 
 class VAEEncoderNet(nn.Module):
@@ -59,5 +68,7 @@ class VAEDecoderNet(nn.Module):
 
 
 def networks(models: NuwaModels) -> dict[str, nn.Module]:
-    return {"text_encoder": TextEncoderNet(models).eval(), "unet": UNetNet(models).eval(),
-            "vae_encoder": VAEEncoderNet(models).eval(), "vae_decoder": VAEDecoderNet(models).eval()}
+    """Every network of `nuwaxl.iospec.NETWORKS`, as a module whose arguments and outputs follow its IOSpec."""
+    return {"text_encoder": TextEncoderNet(models).eval(), "unet_prepare": UNetPrepareNet(models).eval(),
+            "unet_step": UNetStepNet(models).eval(), "vae_encoder": VAEEncoderNet(models).eval(),
+            "vae_decoder": VAEDecoderNet(models).eval()}

@@ -130,41 +130,39 @@ class MaskUNet3D(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(ch[0], temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.conv_in = STConv(cfg.latent_channels, ch[0], t)
 
-        def injected(level: int, up: bool) -> bool:
-            return (up or cfg.inject_symmetric) and (cfg.inject_multiscale or level == 0)
-
         # Visual condition cascade: x0^c at latent resolution -> features at every level's resolution.
         self.cond_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.cond_down = nn.ModuleList(nn.Conv2d(ch[i - 1], ch[i], 3, stride=2, padding=1) for i in range(1, n))
 
+        plan = cfg.layer_plan()
+        down = [p for p in plan if p.block == "down"]
+        up = [p for p in plan if p.block == "up"]
         self.down = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         skip_channels = [ch[0]]
         cin = ch[0]
         for i, cout in enumerate(ch):
-            self.down.append(nn.ModuleList(
-                UNetLayer(cin if j == 0 else cout, cout, cfg, temb_dim, cfg.attention[i], injected(i, up=False))
-                for j in range(cfg.num_res_blocks)))
-            skip_channels += [cout] * cfg.num_res_blocks
-            cin = cout
+            layers = nn.ModuleList()
+            for p in down[i * cfg.num_res_blocks: (i + 1) * cfg.num_res_blocks]:
+                layers.append(UNetLayer(cin, cout, cfg, temb_dim, p.attention, p.inject))
+                cin = cout
+                skip_channels.append(cout)
+            self.down.append(layers)
             if i < n - 1:
                 self.downsamples.append(STConv(cout, cout, t, stride=2))
                 skip_channels.append(cout)
 
-        mid_inject = cfg.inject_multiscale and cfg.inject_symmetric  # the mid block is neither up nor highest
-        self.mid = nn.ModuleList([
-            UNetLayer(ch[-1], ch[-1], cfg, temb_dim, attention=True, inject=mid_inject),
-            UNetLayer(ch[-1], ch[-1], cfg, temb_dim, attention=False, inject=False),
-        ])
+        self.mid = nn.ModuleList(UNetLayer(ch[-1], ch[-1], cfg, temb_dim, p.attention, p.inject)
+                                 for p in plan if p.block == "mid")
 
         self.up = nn.ModuleList()
         self.upsamples = nn.ModuleList()
-        for i in reversed(range(n)):
+        per_level = cfg.num_res_blocks + 1
+        for k, i in enumerate(reversed(range(n))):
             cout = ch[i]
             layers = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                layers.append(UNetLayer(cin + skip_channels.pop(), cout, cfg, temb_dim, cfg.attention[i],
-                                        injected(i, up=True)))
+            for p in up[k * per_level: (k + 1) * per_level]:
+                layers.append(UNetLayer(cin + skip_channels.pop(), cout, cfg, temb_dim, p.attention, p.inject))
                 cin = cout
             self.up.append(layers)
             if i > 0:
@@ -173,12 +171,10 @@ class MaskUNet3D(nn.Module):
         self.conv_out = STConv(ch[0], cfg.latent_channels, t)
 
     def layers(self) -> list[tuple[UNetLayer, int]]:
-        """Every UNetLayer in execution order, with the resolution level of its conditions."""
-        n = len(self.cfg.channels)
-        out = [(layer, i) for i, layers in enumerate(self.down) for layer in layers]
-        out += [(layer, n - 1) for layer in self.mid]
-        out += [(layer, n - 1 - k) for k, layers in enumerate(self.up) for layer in layers]
-        return out
+        """Every UNetLayer in execution order (`UNetConfig.layer_plan`), with the resolution level of its
+        conditions."""
+        modules = [layer for blocks in (self.down, [self.mid], self.up) for layers in blocks for layer in layers]
+        return [(layer, p.level) for layer, p in zip(modules, self.cfg.layer_plan(), strict=True)]
 
     def prepare(self, context: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """Everything that stays fixed while a call is sampled, computed once per call instead of once per step:

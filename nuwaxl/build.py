@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import platform
-import shutil
 import time
 from pathlib import Path
 
@@ -20,11 +19,12 @@ from tqdm.auto import tqdm
 from nuwaxl.config import ModelConfig, preset
 from nuwaxl.dtypes import torch_dtype
 from nuwaxl.engine.directory import FORMAT, FORMAT_VERSION, MANIFEST
-from nuwaxl.engine.registry import BACKEND_FOLDERS, BACKENDS
+from nuwaxl.engine.registry import BACKEND_FOLDERS, BACKENDS, backend_module
 from nuwaxl.engine.torch_backend import resolve_device
 from nuwaxl.errors import UserError, option
 from nuwaxl.export.onnx_export import (
     OPSET,
+    dynamic_shapes,
     export_onnx,
     library_versions,
     measure_parity,
@@ -32,9 +32,9 @@ from nuwaxl.export.onnx_export import (
     sha256_file,
     write_manifest,
 )
-from nuwaxl.files import atomic_output, write_text
+from nuwaxl.files import write_text
 from nuwaxl.iospec import ENGINE_PRECISIONS, NETWORKS, IOSpec, io_specs
-from nuwaxl.models.checkpoint import NuwaModels, bundled_checkpoint, load_checkpoint, read_config, save_checkpoint
+from nuwaxl.models.checkpoint import NuwaModels, bundled_checkpoint, load_checkpoint, read_config
 from nuwaxl.models.networks import networks
 
 
@@ -127,19 +127,19 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_rows: int 
     bar = tqdm(total=1 + len(only), desc=f"build {backend} {precision}", unit="stage", disable=not progress)
 
     t0 = time.perf_counter()
-    # The directory's checkpoint is the one source of the weights every stage exports from.
-    ckpt = out / "checkpoint.safetensors"
+    # The weights every stage exports from. The directory records where they came from instead of copying them:
+    # only the live torch modes read them again (a paper checkpoint is 5.25 GB; a preset's are regenerated).
     if checkpoint:
-        if Path(checkpoint).resolve() != ckpt.resolve():
-            with atomic_output(ckpt) as tmp:
-                shutil.copyfile(checkpoint, tmp)
-        models = load_checkpoint(ckpt)
-    elif not force and ckpt.is_file() and read_config(ckpt) == preset(preset_name):
-        models = load_checkpoint(ckpt)  # random weights saved by an earlier build of this preset
+        models = load_checkpoint(checkpoint)
+        path = Path(checkpoint).resolve()
+        weights = {"source": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
     else:
         models = NuwaModels.random(preset(preset_name), seed=0, device=init_device)
-        save_checkpoint(models, ckpt)
-    ckpt_sha = sha256_file(ckpt)
+        weights = {"source": f"preset:{preset_name}", "seed": 0, "sha256": None}
+    weights_id = weights["sha256"] or _stage_key(preset=preset_name, seed=0, torch=torch.__version__)
+    stale = out / "checkpoint.safetensors"  # format v2 copied the checkpoint here
+    if stale.is_file():
+        stale.unlink()
     write_text(out / "tokenizer.json", models.tokenizer.json)
     models.config = config
     reference = {n: m.to(dev, torch.float32) for n, m in networks(models.float().to(dev)).items()}
@@ -157,7 +157,7 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_rows: int 
         module = export_nets[name]
         record = {"io_spec": spec.to_dict()}
         if backend in ("onnxruntime", "tensorrt"):
-            record.update(_onnx_stage(name, module, reference[name], spec, precision, out, dev, ckpt_sha,
+            record.update(_onnx_stage(name, module, reference[name], spec, precision, out, dev, weights_id,
                                       config, parity_sizes[name], force, log))
         if backend == "tensorrt":
             from nuwaxl.engine.tensorrt_backend import build_plan
@@ -169,17 +169,16 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_rows: int 
                                                                     else f"built in {rec['build_s']} s"))
             record["plan"] = f"tensorrt/{name}.plan"
         if backend == "torch":
-            record.update(_aoti_stage(name, module, reference[name], spec, precision, out, dev, ckpt_sha,
+            record.update(_aoti_stage(name, module, reference[name], spec, precision, out, dev, weights_id,
                                       config, parity_sizes[name], force, log))
-        record["files"] = {rel: (out / rel).stat().st_size for rel in _engine_files(out, backend, name)}
+        record["files"] = {rel: (out / rel).stat().st_size for rel in backend_module(backend).files(out, name)}
         timings[f"{name}_s"] = time.perf_counter() - t1
         records[name] = record
         bar.update()
     bar.close()
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "precision": precision,
                 "max_rows": max_rows, "frames_per_call": L, "resolution": config.resolution,
-                "model_config": config.to_dict(), "checkpoint": {"file": ckpt.name, "sha256": ckpt_sha,
-                                                                 "source": str(checkpoint or f"preset:{config.name}")},
+                "model_config": config.to_dict(), "weights": weights,
                 "sampling": models.sampling.to_dict(), "trained_on": models.trained_on.to_dict(),
                 "device": str(dev), "device_type": dev.type, "gpu": _gpu_name(dev), "networks": records,
                 "timings_s": {k: round(v, 2) for k, v in timings.items()}, "versions": versions,
@@ -187,14 +186,6 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_rows: int 
     if set(only) == set(NETWORKS):  # a partial build is not a usable engine directory
         write_manifest(manifest_path, manifest)
     return manifest
-
-
-def _engine_files(out: Path, backend: str, name: str) -> list[str]:
-    """The files of one network that generation opens (their sizes go into the manifest)."""
-    if backend == "torch":
-        return [f"torch/{name}.pt2"]
-    files = [f"onnx/{name}.onnx"] + ([f"onnx/{name}.onnx.data"] if (out / f"onnx/{name}.onnx.data").exists() else [])
-    return files + ([f"tensorrt/{name}.plan"] if backend == "tensorrt" else [])
 
 
 def _cast_copy(models: NuwaModels, dtype: torch.dtype) -> NuwaModels:
@@ -206,12 +197,12 @@ def _gpu_name(dev: torch.device) -> str | None:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
 
 
-def _onnx_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, config: ModelConfig, parity, force,
+def _onnx_stage(name, module, reference, spec, precision, out, dev, weights_id, config: ModelConfig, parity, force,
                 log) -> dict:
     from nuwaxl.engine.onnxruntime_backend import OrtEngine, status
 
     onnx_path, man_path = out / "onnx" / f"{name}.onnx", out / "onnx" / f"{name}.json"
-    key = _stage_key(checkpoint=ckpt_sha, spec=spec.to_dict(), precision=precision, opset=OPSET,
+    key = _stage_key(checkpoint=weights_id, spec=spec.to_dict(), precision=precision, opset=OPSET,
                      torch=torch.__version__, parity=parity)
     cached = _cached(man_path, key, force)
     if cached and onnx_path.is_file() and onnx_sha256(onnx_path) == cached["onnx_sha256"]:
@@ -227,12 +218,9 @@ def _onnx_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, co
     engine = OrtEngine(onnx_path, spec, ort_dev)
     ref = reference.to(ort_dev)
 
-    def run(feeds):
-        return engine.run(feeds)[spec.outputs[0].name]
-
-    result = measure_parity(run, ref, spec, precision, parity, ort_dev, config.text.vocab_size)
+    result = measure_parity(engine.run, ref, spec, precision, parity, ort_dev, config.text.vocab_size)
     sha = onnx_sha256(onnx_path)
-    manifest = {"network": name, "stage_key": key, "onnx_sha256": sha, "source_checkpoint_sha256": ckpt_sha,
+    manifest = {"network": name, "stage_key": key, "onnx_sha256": sha, "source_checkpoint_sha256": weights_id,
                 "precision": precision, "io_spec": spec.to_dict(), **facts, "versions": library_versions(),
                 "parity": {**result, "runtime": f"onnxruntime {status().get('version')} on {ort_dev.type}"}}
     write_manifest(man_path, manifest)
@@ -242,12 +230,12 @@ def _onnx_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, co
     return {"onnx": f"onnx/{name}.onnx", "onnx_sha256": sha}
 
 
-def _aoti_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, config, parity, force, log) -> dict:
-    from nuwaxl.engine.torch_backend import AOTI_MIN_BATCH, AotiEngine
+def _aoti_stage(name, module, reference, spec, precision, out, dev, weights_id, config, parity, force, log) -> dict:
+    from nuwaxl.engine.torch_backend import AOTI_MIN_BATCH, AotiEngine, aoti_compile
     from nuwaxl.export.onnx_export import sample_inputs
 
     pt2, man_path = out / "torch" / f"{name}.pt2", out / "torch" / f"{name}.json"
-    key = _stage_key(checkpoint=ckpt_sha, spec=spec.to_dict(), precision=precision, torch=torch.__version__,
+    key = _stage_key(checkpoint=weights_id, spec=spec.to_dict(), precision=precision, torch=torch.__version__,
                      device=_gpu_name(dev) or platform.processor() or "cpu", parity=parity)
     cached = _cached(man_path, key, force)
     if cached and pt2.is_file():
@@ -258,17 +246,18 @@ def _aoti_stage(name, module, reference, spec, precision, out, dev, ckpt_sha, co
     sample = sample_inputs(spec, min(2, spec.batch_max), dev, dtype, config.text.vocab_size,
                            torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
-    dynamic = spec.batch_max > spec.batch_min
-    batch = torch.export.Dim("batch", min=max(spec.batch_min, AOTI_MIN_BATCH), max=spec.batch_max) if dynamic else None
+    lowest = max(spec.batch_min, AOTI_MIN_BATCH)
+    dynamic = spec.batch_max > lowest  # a package for a single batch size (1 or 2 rows) is static
+    batch = torch.export.Dim("batch", min=lowest, max=spec.batch_max) if dynamic else None
     with torch.no_grad():
         program = torch.export.export(module, tuple(sample[n] for n in names),
-                                      dynamic_shapes=tuple({0: batch} if dynamic else None for _ in names))
-        torch._inductor.aoti_compile_and_package(program, package_path=str(pt2))
+                                      dynamic_shapes=dynamic_shapes(module, spec, batch))
+        aoti_compile(program, pt2)
     compile_s = round(time.perf_counter() - t0, 2)
     engine = AotiEngine(pt2, spec)
-    result = measure_parity(lambda feeds: engine.run(feeds)[spec.outputs[0].name], reference, spec, precision,
+    result = measure_parity(engine.run, reference, spec, precision,
                             parity, dev, config.text.vocab_size)
-    write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": ckpt_sha,
+    write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": weights_id,
                               "precision": precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
                               "device": str(dev), "torch": torch.__version__, "parity": result})
     _check_parity(name, result, man_path)

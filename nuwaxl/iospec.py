@@ -17,7 +17,9 @@ Precision = Literal["fp16", "fp32"]  # what engines are built in
 ENGINE_PRECISIONS: tuple[Precision, ...] = ("fp16", "fp32")
 # Every precision the runtime knows, and the element type it stores tensors in (live PyTorch modules also run bf16).
 ELEMENT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-NETWORKS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+# The UNet is two networks: `unet_prepare` (once per batch of calls: the condition cascade folded into every
+# layer's injection scale and shift, and the prompt keys and values) and `unet_step` (once per denoising step).
+NETWORKS = ("text_encoder", "unet_prepare", "unet_step", "vae_encoder", "vae_decoder")
 # The only dynamic axis. Its size counts rows: diffusion calls (twice that many rows with classifier-free guidance),
 # prompts, or frame chunks; `trt-nuwaxl build --max-rows` bounds it, while the runtime's `max_batch` counts calls.
 BATCH = "batch"
@@ -84,13 +86,29 @@ def io_specs(config: ModelConfig, precision: str, max_rows: int,
         return IOSpec(name, tuple(TensorSpec(*t) for t in inputs), tuple(TensorSpec(*t) for t in outputs),
                       1, max_rows, max_rows)
 
+    prepared = prepared_tensors(config, f, L)
     return {
         "text_encoder": spec("text_encoder", [("input_ids", "int64", (BATCH, tokens))],
                              [("embeddings", f, (BATCH, tokens, d_text))]),
-        "unet": spec("unet", [("x_t", f, latent), ("timesteps", "int64", (BATCH,)),
-                              ("context", f, (BATCH, L, tokens, d_text)), ("cond", f, latent),
-                              ("mask", f, (BATCH, L, 1, h, h))],
-                     [("eps", f, latent)]),
+        "unet_prepare": spec("unet_prepare", [("context", f, (BATCH, L, tokens, d_text)), ("cond", f, latent),
+                                              ("mask", f, (BATCH, L, 1, h, h))], prepared),
+        "unet_step": spec("unet_step", [("x_t", f, latent), ("timesteps", "int64", (BATCH,)), *prepared],
+                          [("eps", f, latent)]),
         "vae_encoder": spec("vae_encoder", [("video", f, video)], [("latents", f, latent)]),
         "vae_decoder": spec("vae_decoder", [("latents", f, latent)], [("video", f, video)]),
     }
+
+
+def prepared_tensors(config: ModelConfig, dtype: str, frames_per_call: int) -> list[tuple[str, str, tuple]]:
+    """What `unet_prepare` gives `unet_step`, per layer of `UNetConfig.layer_plan` in execution order: the
+    injection's scale and shift (B, L, C, h, w) at the layer's resolution, and PA's prompt keys and values
+    (B, L, heads, tokens, C / heads)."""
+    u, L, tokens = config.unet, frames_per_call, config.text.max_length
+    out = []
+    for i, p in enumerate(u.layer_plan()):
+        c, size = u.channels[p.level], config.latent_size // 2 ** p.level
+        if p.inject:
+            out += [(f"{kind}_{i}", dtype, (BATCH, L, c, size, size)) for kind in ("scale", "shift")]
+        if p.attention:
+            out += [(f"{kind}_{i}", dtype, (BATCH, L, u.num_heads, tokens, c // u.num_heads)) for kind in "kv"]
+    return out

@@ -35,6 +35,15 @@ def tiny_pipe() -> Pipeline:
     return Pipeline.from_preset("tiny", seed=0, device="cpu")
 
 
+def engine_weights(directory):
+    """Eager PyTorch modules of the weights an engine directory was built from (as its manifest records them)."""
+    from nuwaxl.engine.directory import load_weights, read_manifest
+    from nuwaxl.engine.torch_backend import torch_networks
+
+    m = read_manifest(directory)
+    return torch_networks(load_weights(directory, m), device="cpu", precision="fp32", resolution=m["resolution"])
+
+
 def assert_engines_match_pytorch(directory, tmp_path, capsys) -> None:
     """Same weights, seeds and sampler: engine frames equal the eager PyTorch frames up to fp32 rounding (compared
     before video encoding, which would amplify a one-level difference); `generate --engines` makes the video and
@@ -43,7 +52,7 @@ def assert_engines_match_pytorch(directory, tmp_path, capsys) -> None:
     from nuwaxl.runtime.video import read_mp4
 
     kw = dict(num_frames=40, num_inference_steps=3, seed=2, sampler="ddpm", progress=False)
-    reference = Pipeline.from_pretrained(directory / "checkpoint.safetensors", device="cpu")(["a cat", "a dog"], **kw)
+    reference = Pipeline(engine_weights(directory))(["a cat", "a dog"], **kw)
     engines = Pipeline.from_engines(directory, device="cpu")(["a cat", "a dog"], **kw)
     worst, mean = frame_diff(reference.frames, engines.frames)
     assert worst <= 2 and mean < 0.01, (worst, mean)

@@ -76,3 +76,47 @@ def test_memory_budget_retries_and_keeps_the_video(mode):
         out = pipe(STORY, memory_budget_gib=budget, **kw).frames
     worst, mean = frame_diff(ref, out)
     assert worst <= 2 and mean < 0.05, (worst, mean)
+
+
+@pytest.fixture(scope="module")
+def paper_aoti(tmp_path_factory):
+    """The README's paper build (`trt-nuwaxl build --preset paper --backend torch --precision fp16`), 69 rows: a
+    whole level-3 batch. About ten minutes on an H200; NUWAXL_PAPER_AOTI names a directory built earlier."""
+    import os
+
+    from nuwaxl.cli import main
+
+    given = os.environ.get("NUWAXL_PAPER_AOTI")
+    if given:
+        return given
+    out = tmp_path_factory.mktemp("paper") / "aoti"
+    assert main(["build", "--preset", "paper", "--backend", "torch", "--precision", "fp16", "--max-rows", "69",
+                 "--device", "cuda", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_paper_aoti_engines_load_and_match_live_modules(paper_aoti):
+    """The paper AOTInductor packages load (they once crashed: a compiler that links libstdc++ statically), run
+    as CUDA graphs, and give the live modules' video."""
+    engines = Pipeline.from_engines(paper_aoti, device="cuda")
+    assert engines.nets.spec.cuda_graphs == "on"
+    live = Pipeline.from_preset("paper", seed=0, device="cuda", torch_mode="cudagraph")
+    kw = dict(num_frames=256, num_inference_steps=2, seed=1, progress=False)
+    worst, mean = frame_diff(live(STORY, **kw).frames, engines(STORY, **kw).frames)
+    assert mean < 0.5, (worst, mean)
+
+
+def test_engine_cuda_graphs_match_plain_engine_runs(tmp_path):
+    """The same AOTInductor engines with and without CUDA graphs (prepare bound once per batch) give one video."""
+    from nuwaxl.build import build
+    from nuwaxl.engine.directory import load_engines
+
+    out = tmp_path / "small"
+    build(out, "torch", "fp16", 8, preset_name="small", device="cuda", parity="none", progress=False,
+          log=lambda m: None)
+    kw = dict(num_frames=226, num_inference_steps=3, seed=1, progress=False)
+    graphed = Pipeline(load_engines(out, device="cuda"))
+    plain = Pipeline(load_engines(out, device="cuda", cuda_graphs=False))
+    assert graphed.nets.spec.cuda_graphs == "on" and plain.nets.spec.cuda_graphs.startswith("off")
+    worst, mean = frame_diff(graphed(STORY, **kw).frames, plain(STORY, **kw).frames)
+    assert worst <= 2 and mean < 0.05, (worst, mean)

@@ -10,8 +10,9 @@ from nuwaxl.runtime.pipeline import Pipeline
 
 def test_cpu_smoke_scenarios_record_everything(tmp_path, monkeypatch):
     pipe = Pipeline.from_preset("tiny", device="cpu")
-    per_item = flops_per_item(pipe, 16)
-    assert set(per_item) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"} and per_item["unet"] > 0
+    per_item = flops_per_item(pipe.config, 16)
+    assert set(per_item) == {"text_encoder", "unet_prepare", "unet_step", "vae_encoder", "vae_decoder"}
+    assert per_item["unet_step"] > per_item["unet_prepare"] > 0
     rows = [run_scenario(pipe, s, per_item, peak_tflops=None) for s in SETS["cpu-smoke"]]
     for row in rows:
         assert row["wall_s_min"] <= row["wall_s_median"] <= row["wall_s_max"]
