@@ -128,7 +128,9 @@ class AotiEngine:
             raise UserError(f"AOTInductor package missing: {package_path}; rebuild with trt-nuwaxl build")
         self.spec = spec
         self.names = [t.name for t in spec.inputs]
-        self.fn = torch._inductor.aoti_load_package(str(package_path))
+        # run_single_threaded: no cross-thread synchronisation inside the runner (its event waits cannot be
+        # captured: "operation not permitted when stream is capturing"), so CUDA graphs can record it.
+        self.fn = torch._inductor.aoti_load_package(str(package_path), run_single_threaded=True)
 
     @torch.inference_mode()
     def run(self, feeds, stream=None):
