@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from nuwaxl.dtypes import precision_name
 from nuwaxl.iospec import io_specs
 from nuwaxl.runtime.distributed import init_from_env, world
 from nuwaxl.runtime.pipeline import Pipeline

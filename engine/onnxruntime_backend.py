@@ -20,6 +20,10 @@ except ImportError:  # reported by `trt-nuwaxl doctor` and when an ORT engine is
 NP_DTYPES = {"float16": np.float16, "float32": np.float32, "int64": np.int64}
 
 
+# How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
+CUDA_GRAPHS = ("ONNX Runtime's enable_cuda_graph, one gpu_graph_id per batch shape with fixed I/O bindings; off for "
+               "a session with a node on the CPU (the reason is kept in the engine's cuda_graphs)")
+
 def status() -> dict:
     if ort is None:
         return {"usable": False, "why": "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"}

@@ -1,10 +1,9 @@
 """The backends and torch modes, named once. The CLI's choices, `build`, `doctor` and the engine directory read them
 from here; nothing here imports a backend library, so the CLI can list them for free."""
 
-from typing import Literal
-
 import importlib
 from types import ModuleType
+from typing import Literal
 
 # Each backend: its module (which alone imports the backend's library and provides `status()`, `load(directory,
 # name, spec, device)` and `files(directory, name)`) and the folders it keeps inside an engine directory.

@@ -22,6 +22,8 @@ from nuwaxl.errors import UserError
 from nuwaxl.files import write_bytes, write_text
 from nuwaxl.iospec import IOSpec
 
+# How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
+CUDA_GRAPHS = "execute_async_v3 captured on its own stream and execution context, one graph per batch shape"
 
 def _import():
     for name in ("tensorrt", "tensorrt_rtx"):

@@ -24,6 +24,8 @@ from nuwaxl.engine.registry import TORCH_MODES, TorchMode
 from nuwaxl.errors import UserError, option
 from nuwaxl.iospec import IOSpec
 
+# How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
+CUDA_GRAPHS = "captured with torch.cuda.graph, one graph per batch shape (packages load with run_single_threaded)"
 
 def _compile(fn):
     # One specialised graph per batch size (dynamic=False): the few sizes a plan uses are known, and static shapes

@@ -111,8 +111,8 @@ def export_onnx(module: nn.Module, spec: IOSpec, path: Path, sample: dict[str, t
             "export_s": round(time.perf_counter() - t0, 2)}
 
 
-def measure_parity(session_run: Callable[[dict], dict], reference: nn.Module, spec: IOSpec, precision: str, batches: list[int],
-                   device: torch.device, vocab_size: int, seed: int = 0) -> dict:
+def measure_parity(session_run: Callable[[dict], dict], reference: nn.Module, spec: IOSpec, precision: str,
+                   batches: list[int], device: torch.device, vocab_size: int, seed: int = 0) -> dict:
     """Run the engine (`session_run(feeds) -> outputs by name`) and the fp32 PyTorch reference on fresh random
     inputs at each batch size; each batch records its worst output (none: the result says it was not measured)."""
     metric = {"metric": "max|onnx - torch_fp32| / max|torch_fp32|", "tolerance": TOLERANCE[precision]}

@@ -179,6 +179,7 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_rows: int 
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "precision": precision,
                 "max_rows": max_rows, "frames_per_call": L, "resolution": config.resolution,
                 "model_config": config.to_dict(), "weights": weights,
+                "cuda_graphs": backend_module(backend).CUDA_GRAPHS,
                 "sampling": models.sampling.to_dict(), "trained_on": models.trained_on.to_dict(),
                 "device": str(dev), "device_type": dev.type, "gpu": _gpu_name(dev), "networks": records,
                 "timings_s": {k: round(v, 2) for k, v in timings.items()}, "versions": versions,

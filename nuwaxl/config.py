@@ -43,23 +43,6 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channels) - 1)
 
-    def layer_plan(self) -> tuple[UNetLayerPlan, ...]:
-        """Every UNet layer in execution order (down, mid, up): the one source for building the network and for
-        the shapes of its step-invariant tensors (`nuwaxl.iospec`)."""
-        n = len(self.channels)
-
-        def injected(level: int, up: bool) -> bool:
-            return (up or self.inject_symmetric) and (self.inject_multiscale or level == 0)
-
-        down = [UNetLayerPlan("down", i, self.attention[i], injected(i, up=False))
-                for i in range(n) for _ in range(self.num_res_blocks)]
-        # the mid block is neither up nor highest: injected only with both MI and SI
-        mid = [UNetLayerPlan("mid", n - 1, True, self.inject_multiscale and self.inject_symmetric),
-               UNetLayerPlan("mid", n - 1, False, False)]
-        up = [UNetLayerPlan("up", i, self.attention[i], injected(i, up=True))
-              for i in reversed(range(n)) for _ in range(self.num_res_blocks + 1)]
-        return tuple(down + mid + up)
-
 
 @dataclass(frozen=True)
 class UNetLayerPlan:
@@ -109,15 +92,6 @@ class UNetConfig:
         return tuple(down + mid + up)
 
 
-@dataclass(frozen=True)
-class UNetLayerPlan:
-    """One UNet layer: its block, its resolution level (channels `channels[level]`, latent size / 2**level), and
-    whether it has attention (SA/PA/TA) and the visual-condition injection."""
-
-    block: Literal["down", "mid", "up"]
-    level: int
-    attention: bool
-    inject: bool
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,15 @@ def report() -> dict:
         "tensorrt-build": {"usable": trt["can_build"], "why": trt["why_not_build"]},
         "tensorrt-run": {"usable": trt["can_run"], "why": trt["why_not_run"]},
     }
+    from nuwaxl.engine import torch_backend
+
+    graphs = {"torch-cudagraph": "torch.cuda.graph around live modules (the *-cudagraph torch modes)",
+              "torch-aoti": torch_backend.CUDA_GRAPHS, "onnxruntime-cuda": onnxruntime_backend.CUDA_GRAPHS,
+              "tensorrt-run": tensorrt_backend.CUDA_GRAPHS}
+    for name, item in backends.items():
+        item["cuda_graphs"] = graphs.get(name, "no: runs on the CPU" if name.endswith("-cpu") else
+                                         "n/a: builds plans" if name.endswith("-build") else
+                                         "no: torch mode without graphs")
     return {"python": platform.python_version(), "torch": torch.__version__, "gpu": gpu,
             "onnxruntime": ort.get("version"), "onnxruntime_providers": ort.get("providers"),
             "tensorrt": {"library": trt["library"], "version": trt.get("version")}, "backends": backends}

@@ -58,6 +58,7 @@ def test_onnx_export_and_parity_for_each_network(which, request):
         assert set(parity["batches"]) == {"1", str(MAX_ROWS)}  # min and opt/max batch
         assert parity["worst_rel_err"] <= TOLERANCE[m["precision"]]
         assert m["weights"] == {"source": "preset:tiny", "seed": 0, "sha256": None}  # recorded, not copied
+        assert "enable_cuda_graph" in m["cuda_graphs"] or "execute_async_v3" in m["cuda_graphs"]
         assert not (d / "checkpoint.safetensors").exists() and len(man["source_checkpoint_sha256"]) == 64
         assert man["opset"] == 18 and {"torch", "onnx", "onnxscript"} <= set(man["versions"])
         assert IOSpec.from_dict(man["io_spec"]) == expected_specs(d)[name]
@@ -175,14 +176,14 @@ def test_engine_directory_errors(ort_dir, tmp_path, capsys):
     with pytest.raises(UserError, match="is corrupt"):
         read_manifest(broken)
     (broken / "engines.json").write_text((ort_dir / "engines.json").read_text())
-    (broken / "onnx" / "unet.onnx").unlink()
-    with pytest.raises(UserError, match="engine file missing: .*unet.onnx; rebuild"):
+    (broken / "onnx" / "unet_step.onnx").unlink()
+    with pytest.raises(UserError, match="engine file missing: .*unet_step.onnx; rebuild"):
         load_engines(broken, device="cpu")
-    size = (ort_dir / "onnx" / "unet.onnx").stat().st_size
-    (broken / "onnx" / "unet.onnx").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="unet.onnx has 7 bytes but was built with"):
+    size = (ort_dir / "onnx" / "unet_step.onnx").stat().st_size
+    (broken / "onnx" / "unet_step.onnx").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="unet_step.onnx has 7 bytes but was built with"):
         load_engines(broken, device="cpu")
-    (broken / "onnx" / "unet.onnx").write_bytes(b"\0" * size)  # same size, other bytes: ONNX Runtime says so
+    (broken / "onnx" / "unet_step.onnx").write_bytes(b"\0" * size)  # same size, other bytes: ONNX Runtime says so
     with pytest.raises(UserError, match="ONNX Runtime cannot load"):
         load_engines(broken, device="cpu")
     edited = tmp_path / "edited"
@@ -190,17 +191,18 @@ def test_engine_directory_errors(ort_dir, tmp_path, capsys):
     m = json.loads((edited / "engines.json").read_text())
     m["model_config"]["resolution"] = 64  # the ONNX files were exported for 32 px
     (edited / "engines.json").write_text(json.dumps(m))
-    with pytest.raises(UserError, match=r"engines.json: its model_config gives unet tensor 'x_t' the shape \('batch', "
-                                        r"16, 4, 8, 8\), but the engine was built for \('batch', 16, 4, 4, 4\): the "
-                                        r"manifest was edited or damaged; rebuild with trt-nuwaxl build --force"):
+    with pytest.raises(UserError, match=r"engines.json: its model_config gives unet_prepare tensor 'cond' the shape "
+                                        r"\('batch', 16, 4, 8, 8\), but the engine was built for "
+                                        r"\('batch', 16, 4, 4, 4\): the manifest was edited or damaged; rebuild"):
         load_engines(edited, device="cpu")
-    (edited / "engines.json").write_text(json.dumps({**m, "format_version": 1}))  # built by an older version
-    with pytest.raises(UserError, match="is format 'nuwaxl-engines' v1, this trt-nuwaxl reads .* v2; rebuild"):
+    (edited / "engines.json").write_text(json.dumps({**m, "format_version": 2}))  # built before the UNet split
+    with pytest.raises(UserError, match=r"is format 'nuwaxl-engines' v2, this trt-nuwaxl reads .* v3 \(the UNet is "
+                                        r"two networks now .*\); rebuild with trt-nuwaxl build --force"):
         load_engines(edited, device="cpu")
     shutil.copy(ort_dir / "engines.json", edited / "engines.json")
-    with (edited / "onnx" / "unet.onnx").open("ab") as f:
+    with (edited / "onnx" / "unet_step.onnx").open("ab") as f:
         f.write(b"\0")  # damaged after the build
-    with pytest.raises(UserError, match=r"unet.onnx has \d+ bytes but was built with \d+: it changed after the build"):
+    with pytest.raises(UserError, match=r"unet_step.onnx has \d+ bytes but was built with \d+: it changed after"):
         load_engines(edited, device="cpu")
     out = str(tmp_path / "v.mp4")
     assert main(["generate", "--engines", str(tmp_path / "nope"), "--out", out]) == 2
@@ -249,6 +251,9 @@ def test_doctor_reports_each_backend_with_a_reason():
                                   "tensorrt-run", "torch-aoti"}
     for item in r["backends"].values():
         assert item["usable"] or item["why"]
+        assert item["cuda_graphs"]  # how each backend runs as CUDA graphs, or why it does not
+    assert "enable_cuda_graph" in r["backends"]["onnxruntime-cuda"]["cuda_graphs"]
+    assert "execute_async_v3" in r["backends"]["tensorrt-run"]["cuda_graphs"]
     if not torch.cuda.is_available():
         assert "no CUDA GPU is visible" in r["backends"]["tensorrt-run"]["why"]
 
