@@ -6,6 +6,7 @@ is a compiled engine file that runs without the model code.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -99,6 +100,7 @@ def shares_libstdcxx(compiler: str) -> bool:
     return os.path.isabs(found) and os.path.exists(found)
 
 
+@functools.lru_cache(maxsize=1)
 def aoti_compiler() -> str:
     """The C++ compiler for AOTInductor: $CXX (Inductor's choice) if it links the shared libstdc++, else the
     first of g++, c++, clang++ that does, with a warning."""
