@@ -42,6 +42,18 @@ def child(args) -> None:
             print(json.dumps({"first_frame": first}), flush=True)
     torch.cuda.synchronize()
     print(json.dumps({"last_frame": time.time() - t0}), flush=True)
+    from torch._dynamo.utils import counters
+
+    from nuwaxl.engine.torch_backend import compile_cache
+
+    compiled = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
+    print(json.dumps({"inductor_cache": compiled, "compile_cache": compile_cache.info}), flush=True)
+    for i in range(args.warm_runs):  # the same video again in this process: the warm time of this path
+        t1 = time.perf_counter()
+        for _ in pipe.run(request, progress=False):
+            pass
+        torch.cuda.synchronize()
+        print(json.dumps({f"warm_s_{i + 1}": time.perf_counter() - t1}), flush=True)
 
 
 def measure(argv: list[str], timeout: float) -> dict:
@@ -71,15 +83,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--gen-mode", default="dod", help="dod or ar")
     ap.add_argument("--runs", type=int, default=2, help="new processes per path, one after another")
+    ap.add_argument("--warm-runs", type=int, default=0, help="the same video again in each process (warm time)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.child:
         return child(args)
     common = ["--preset", args.preset, "--resolution", str(args.resolution), "--frames", str(args.frames),
-              "--steps", str(args.steps), "--gen-mode", args.gen_mode]
+              "--steps", str(args.steps), "--gen-mode", args.gen_mode, "--warm-runs", str(args.warm_runs)]
     paths = ([("engines", ["--engines", args.engines])] if args.engines else []) + \
         [(f"torch-{m}", ["--mode", m]) for m in args.torch_modes.split(",") if m]
+    import torch
+    from speed import environment
+
+    env = environment(torch.device("cuda"))
     rows = []
     for name, extra in paths:
         for run in range(1, args.runs + 1):
@@ -87,7 +104,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.out:  # after every run: nothing lost
-                Path(args.out).write_text(json.dumps({"weights": "random (seed 0)", "frames": args.frames,
+                Path(args.out).write_text(json.dumps({"env": env, "weights": "random (seed 0)", "frames": args.frames,
                                                       "steps": args.steps, "mode": args.gen_mode,
                                                       "preset": args.preset, "resolution": args.resolution,
                                                       "engines": args.engines, "rows": rows}, indent=2))

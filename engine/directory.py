@@ -65,31 +65,18 @@ def trained_on(manifest: dict) -> TrainingRecord:
 
 def read_card(directory: str | Path) -> WeightsCard:
     """What an engine directory says of its weights, from its manifest alone (no engine is opened)."""
+    return card_from_manifest(directory, read_manifest(directory))
+
+
+def card_from_manifest(directory: str | Path, manifest: dict) -> WeightsCard:
     d = Path(directory)
-    m = read_manifest(d)
-    config = ModelConfig.from_dict(m["model_config"])
+    config = ModelConfig.from_dict(manifest["model_config"])
     tokenizer = d / "tokenizer.json"
     if not tokenizer.is_file():
         raise UserError(f"{tokenizer} is missing; rebuild with trt-nuwaxl build --force --out {d}")
-    return WeightsCard(f"engines {d}", config, SamplingDefaults.from_dict(m.get("sampling", {})),
-                       trained_on(m), tokenizer.read_text(encoding="utf-8"), m["frames_per_call"],
-                       m["precision"])
-
-
-def load_weights(directory: Path, manifest: dict):
-    """The weights an engine directory was built from (it records them, it does not copy them): the checkpoint
-    file, checked by size, or the preset's random weights regenerated from their seed."""
-    from nuwaxl.config import preset
-    from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint
-
-    w = manifest["weights"]
-    if w["source"].startswith("preset:"):
-        return NuwaModels.random(preset(w["source"].removeprefix("preset:")), seed=w["seed"])
-    path = Path(w["source"])
-    if not path.is_file() or path.stat().st_size != w["bytes"]:
-        raise UserError(f"the engines in {directory} were built from {path}, which is missing or changed; the "
-                        f"live torch modes need it (the AOTInductor packages do not: {option('torch_mode', 'aoti')})")
-    return load_checkpoint(path)
+    return WeightsCard(f"engines {d}", config, SamplingDefaults.from_dict(manifest.get("sampling", {})),
+                       trained_on(manifest), tokenizer.read_text(encoding="utf-8"), manifest["frames_per_call"],
+                       manifest["precision"])
 
 
 def check_files(directory: Path, manifest: dict) -> dict[str, IOSpec]:
@@ -118,14 +105,16 @@ def check_files(directory: Path, manifest: dict) -> dict[str, IOSpec]:
 
 
 def load_engines(directory: str | Path, device: str | None = None, torch_mode: str = "aoti",
-                 cuda_graphs: bool = True) -> EngineNetworks:
+                 cuda_graphs: bool = True, manifest: dict | None = None) -> EngineNetworks:
     """Open every engine of a directory on `device` (default: the one it was built for). On a GPU each network
-    runs as CUDA graphs, one per batch shape (`engine.graphs`), where its backend can be captured."""
+    runs as CUDA graphs, one per batch shape (`engine.graphs`), where its backend can be captured. `manifest`:
+    the directory's engines.json when the caller has read it already."""
     from nuwaxl.engine.torch_backend import resolve_device
+    from nuwaxl.weights import WeightsSource
 
     d = Path(directory)
-    m = read_manifest(d)
-    card = read_card(d)
+    m = manifest or read_manifest(d)
+    card = card_from_manifest(d, m)
     config = card.config
     backend, precision = m["backend"], m["precision"]
     dev = resolve_device(device or m["device"])
@@ -135,7 +124,7 @@ def load_engines(directory: str | Path, device: str | None = None, torch_mode: s
     if backend == "torch" and torch_mode != "aoti":  # live modules from the weights the engines were built from
         from nuwaxl.engine.torch_backend import torch_networks
 
-        return torch_networks(load_weights(d, m), device=str(dev), precision=precision,
+        return torch_networks(WeightsSource.from_record(m["weights"], d).load(), device=str(dev), precision=precision,
                               resolution=config.resolution, torch_mode=torch_mode)
     specs = check_files(d, m)
     module = backend_module(backend)

@@ -151,3 +151,50 @@ class OrtEngine:
         for _ in range(3):  # ONNX Runtime runs normally before it captures, then replays
             replay()
         return replay, outputs
+
+
+def check_build(device: torch.device, precision: str) -> None:
+    """Can this machine build this backend's engines? (registry protocol; before any work is done)"""
+    st = status()
+    if not st["usable"]:
+        raise UserError(f"{st['why']}: the onnxruntime and tensorrt builds check their ONNX export with ONNX "
+                        "Runtime")
+
+
+def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
+    """The ONNX stage (registry protocol): export with a dynamic batch, then the parity gate on ONNX Runtime
+    (CUDA where the build runs on a GPU and onnxruntime-gpu is installed). Reused when its cache key matches."""
+    from nuwaxl.engine.stage import cached, check_parity, parity_text, stage_key
+    from nuwaxl.export.onnx_export import OPSET, export_onnx, library_versions, onnx_sha256, write_manifest
+
+    onnx_path, man_path = job.out / "onnx" / f"{name}.onnx", job.out / "onnx" / f"{name}.json"
+    key = stage_key(checkpoint=job.weights_id, spec=spec.to_dict(), precision=job.precision, opset=OPSET,
+                    torch=torch.__version__, parity=job.parity[name])
+    old = cached(man_path, key, job.force)
+    if old and onnx_path.is_file() and onnx_sha256(onnx_path) == old["onnx_sha256"]:
+        job.log(f"{name}: ONNX reused (same checkpoint, spec and precision)")
+        return {"onnx": f"onnx/{name}.onnx", "onnx_sha256": old["onnx_sha256"]}
+    sample = job.sample(spec, min(2, spec.batch_max), next(module.parameters()).dtype)
+    facts = export_onnx(module, spec, onnx_path, sample)
+    dev = job.device if (job.device.type == "cuda" and status().get("cuda")) else torch.device("cpu")
+    engine = OrtEngine(onnx_path, spec, dev)
+    result = job.measure_parity(name, engine.run, reference.to(dev), spec, dev, f"onnxruntime-{dev.type}")
+    reference.to(job.device)
+    sha = onnx_sha256(onnx_path)
+    write_manifest(man_path, {"network": name, "stage_key": key, "onnx_sha256": sha,
+                              "source_checkpoint_sha256": job.weights_id, "precision": job.precision,
+                              "io_spec": spec.to_dict(), **facts, "versions": library_versions(),
+                              "parity": {**result, "runtime": f"onnxruntime {status().get('version')} on {dev.type}"}})
+    check_parity(name, result, man_path)
+    job.log(f"{name}: ONNX exported in {facts['export_s']} s, {parity_text(result)}")
+    return {"onnx": f"onnx/{name}.onnx", "onnx_sha256": sha}
+
+
+def doctor(gpu: bool) -> dict[str, dict]:
+    """This backend's rows in `trt-nuwaxl doctor` (registry protocol)."""
+    st = status()
+    why_cuda = (st.get("why") or st.get("why_no_cuda")) if not st.get("cuda") else \
+        (None if gpu else "no CUDA GPU is visible")
+    return {"onnxruntime-cpu": {"usable": st["usable"], "why": st.get("why"), "cuda_graphs": "no: runs on the CPU"},
+            "onnxruntime-cuda": {"usable": bool(st.get("cuda")) and gpu, "why": why_cuda,
+                                 "cuda_graphs": CUDA_GRAPHS}}

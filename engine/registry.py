@@ -5,8 +5,11 @@ import importlib
 from types import ModuleType
 from typing import Literal
 
-# Each backend: its module (which alone imports the backend's library and provides `status()`, `load(directory,
-# name, spec, device)` and `files(directory, name)`) and the folders it keeps inside an engine directory.
+# Each backend: its module and the folders it keeps inside an engine directory. The module alone imports the
+# backend's library and provides the protocol: `status()` (its library here), `doctor(gpu)` (its rows in
+# `trt-nuwaxl doctor`), `check_build(device, precision)` and `build_network(job, name, module, reference, spec)`
+# (its stages of `trt-nuwaxl build`, engine.stage.BuildJob), `files(directory, name)` and `load(directory, name,
+# spec, device)` (an engine directory's files), and `CUDA_GRAPHS` (how its engines are captured).
 # Adding a backend is one module and one line here.
 BACKEND_MODULES = {"tensorrt": ("nuwaxl.engine.tensorrt_backend", ("onnx", "tensorrt")),
                    "onnxruntime": ("nuwaxl.engine.onnxruntime_backend", ("onnx",)),

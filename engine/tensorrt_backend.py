@@ -100,19 +100,34 @@ class _Logger(trt.ILogger if trt is not None else object):
             self.errors.append(msg)
 
 
+def _polygraphy():
+    """polygraphy's TensorRT loaders, for whichever TensorRT library is installed (polygraphy picks tensorrt or
+    tensorrt_rtx by its USE_TENSORRT_RTX setting, read when its TensorRT modules are first imported)."""
+    import polygraphy.config
+    from polygraphy.logger import G_LOGGER
+
+    polygraphy.config.USE_TENSORRT_RTX = LIB == "tensorrt_rtx"
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # our own log lines say what was built; polygraphy's are verbose
+    from polygraphy.backend import trt as pg
+
+    return pg
+
+
 def _describe(network, profile) -> dict:
     """The plan's I/O and profile as TensorRT itself reports them (checked against the spec by tests)."""
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
     return {"inputs": [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape)} for t in inputs],
             "outputs": [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape)} for t in outputs],
-            "profile": {t.name: [list(s) for s in profile.get_shape(t.name)] for t in inputs}}
+            "profile": {t.name: [list(s) for s in profile[t.name]] for t in inputs}}
 
 
 def build_plan(onnx_path: Path, onnx_sha256: str, spec: IOSpec, precision: str, plan_path: Path,
                opt_level: int = 3, targets: list[str] | None = None, timing_cache: Path | None = None,
                force: bool = False) -> dict:
-    """Build (or reuse, when the cache key matches) a plan; returns its engine.json record."""
+    """Build (or reuse, when the cache key matches) a plan with polygraphy's loaders: a strongly typed network
+    parsed from the ONNX, one optimization profile from the I/O spec, and (TensorRT) a timing cache shared by the
+    directory's networks. Returns its engine.json record."""
     if trt is None:
         raise UserError(status()["why_not_build"])
     targets = build_targets(targets)
@@ -122,39 +137,38 @@ def build_plan(onnx_path: Path, onnx_sha256: str, spec: IOSpec, precision: str, 
         old = json.loads(record_path.read_text())
         if old.get("cache_key") == key:
             return {**old, "reused": True}
-    logger = _Logger()
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors[:3]}")
-    config = builder.create_builder_config()
-    config.builder_optimization_level = opt_level
-    profile = builder.create_optimization_profile()
+    pg = _polygraphy()
+    builder, network, parser = pg.network_from_onnx_path(str(onnx_path), strongly_typed=True)
+    profile = pg.Profile()
     for name, (lo, opt, hi) in spec.profile().items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    if LIB == "tensorrt_rtx":
-        config.num_compute_capabilities = len(targets)
-        for i, t in enumerate(targets):
-            config.set_compute_capability(getattr(trt.ComputeCapability, t.upper()), i)
-    elif timing_cache is not None:  # timing caches are no-ops in TensorRT-RTX
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        profile.add(name, min=lo, opt=opt, max=hi)
+    common = {"profiles": [profile], "builder_optimization_level": opt_level}
+    if LIB == "tensorrt_rtx":  # RTX builds for named compute capabilities; it has no timing cache
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        config = CreateConfigRTX(compute_capabilities=[RTX_TARGETS[t] for t in targets], **common)
+        cache = None
+    else:
+        cache = str(timing_cache) if timing_cache is not None else None
+        config = pg.CreateConfig(load_timing_cache=cache if cache and Path(cache).is_file() else None, **common)
     t0 = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise RuntimeError(f"TensorRT failed to build {onnx_path.name}: {logger.errors[-3:]}")
-    if LIB == "tensorrt" and timing_cache is not None:
-        write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()))
+    try:
+        plan = pg.engine_bytes_from_network((builder, network, parser), config=config, save_timing_cache=cache)
+    except Exception as e:  # polygraphy reports a failed build as PolygraphyException
+        raise RuntimeError(f"TensorRT failed to build {onnx_path.name}: {str(e).strip()[-500:]}") from e
     write_bytes(plan_path, memoryview(plan))
     record = {"network": spec.network, "library": LIB, "version": trt.__version__, "precision": precision,
               "targets": targets, "opt_level": opt_level, "onnx_sha256": onnx_sha256, "cache_key": key,
               "plan_bytes": plan_path.stat().st_size, "build_s": round(time.perf_counter() - t0, 2),
-              **_describe(network, profile)}
+              "built_with": "polygraphy " + _polygraphy_version(), **_describe(network, profile)}
     write_text(record_path, json.dumps(record, indent=2, sort_keys=True))
     return {**record, "reused": False}
+
+
+def _polygraphy_version() -> str:
+    import polygraphy
+
+    return polygraphy.__version__
 
 
 def load(directory: Path, name: str, spec: IOSpec, device: torch.device) -> TrtEngine:
@@ -245,3 +259,34 @@ class TrtEngine:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.contexts[("graph", id(graph))] = ctx  # kept alive with the graph
         return graph.replay, outputs
+
+
+def check_build(device: torch.device, precision: str) -> None:
+    """Can this machine build plans? (registry protocol; the ONNX stage's requirements first)"""
+    from nuwaxl.engine import onnxruntime_backend
+
+    onnxruntime_backend.check_build(device, precision)
+    st = status()
+    if not st["can_build"]:
+        raise UserError(f"cannot build TensorRT plans here: {st['why_not_build']}")
+
+
+def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
+    """The ONNX stage, then a plan from that ONNX (registry protocol)."""
+    from nuwaxl.engine import onnxruntime_backend
+
+    record = onnxruntime_backend.build_network(job, name, module, reference, spec)
+    rec = build_plan(job.out / "onnx" / f"{name}.onnx", record["onnx_sha256"], spec, job.precision,
+                     job.out / "tensorrt" / f"{name}.plan", job.opt_level,
+                     list(job.targets) if job.targets else None, job.out / "tensorrt" / "timing.cache", job.force)
+    job.log(f"{name}: TensorRT plan for {rec['targets']} " + ("reused (cache key matches)" if rec["reused"]
+                                                            else f"built in {rec['build_s']} s"))
+    return {**record, "plan": f"tensorrt/{name}.plan"}
+
+
+def doctor(gpu: bool) -> dict[str, dict]:
+    """This backend's rows in `trt-nuwaxl doctor` (registry protocol)."""
+    st = status()
+    return {"tensorrt-build": {"usable": st["can_build"], "why": st["why_not_build"],
+                               "cuda_graphs": "n/a: builds plans"},
+            "tensorrt-run": {"usable": st["can_run"], "why": st["why_not_run"], "cuda_graphs": CUDA_GRAPHS}}

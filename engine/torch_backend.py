@@ -6,7 +6,9 @@ is a compiled engine file that runs without the model code.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
@@ -17,21 +19,96 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nuwaxl.config import ModelConfig, preset
 from nuwaxl.dtypes import precision_name, torch_dtype
 from nuwaxl.engine.base import EngineNetworks, NetworkSpec
 from nuwaxl.engine.graphs import GraphedEngine
 from nuwaxl.engine.registry import TORCH_MODES, TorchMode
 from nuwaxl.errors import UserError, option
+from nuwaxl.files import write_bytes
 from nuwaxl.iospec import IOSpec
 
 # How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
 CUDA_GRAPHS = "captured with torch.cuda.graph, one graph per batch shape (packages load with run_single_threaded)"
 
-def _compile(fn):
-    # One specialised graph per batch size (dynamic=False): the few sizes a plan uses are known, and static shapes
-    # let Inductor pick the best kernels; a CUDA graph is captured around them in "compile-cudagraph".
-    return torch.compile(fn, dynamic=False)
+def status() -> dict:
+    """What this backend's library is here (registry protocol)."""
+    return {"library": "torch", "version": torch.__version__, "cuda": torch.cuda.is_available()}
+
+
+# Dynamo compiles one graph per (block shape, batch size); the paper UNet has a few dozen such pairs, over
+# Dynamo's default limit of 8 recompiles per code object (past it, a block would silently run eagerly).
+RECOMPILE_LIMIT = 256
+
+
+def compile_regions(module: nn.Module) -> nn.Module:
+    """Regional compilation: torch.compile (static shapes, one graph per batch size) every repeated block of
+    `models.networks.compile_regions()` in place, instead of the whole network; the rest runs eagerly (and is
+    captured with the blocks under the *-cudagraph modes). Idempotent: networks share blocks."""
+    from nuwaxl.models.networks import compile_regions as regions
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           4 * RECOMPILE_LIMIT)
+    kinds = regions()
+    for m in module.modules():
+        if isinstance(m, kinds) and getattr(m, "_compiled_call_impl", None) is None:
+            m.compile(dynamic=False)
+    compile_cache.load()
+    return module
+
+
+class CompileCache:
+    """torch.compile's artifacts kept between processes (torch.compiler's save/load of cache artifacts): loaded
+    once per process before the first compilation, saved at exit when this process compiled something new.
+    Folder: $NUWAXL_COMPILE_CACHE, else ~/.cache/trt-nuwaxl/compile; one subfolder per torch version and GPU;
+    empty NUWAXL_COMPILE_CACHE turns it off."""
+
+    def __init__(self):
+        self.loaded = False
+        self.info: dict = {}
+
+    def folder(self) -> Path | None:
+        root = os.environ.get("NUWAXL_COMPILE_CACHE", str(Path.home() / ".cache" / "trt-nuwaxl" / "compile"))
+        if not root:
+            return None
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        return Path(root) / "".join(c if c.isalnum() or c in ".-" else "_" for c in f"{torch.__version__}-{gpu}")
+
+    def load(self) -> None:
+        if self.loaded:
+            return
+        self.loaded = True
+        folder = self.folder()
+        if folder is None:
+            return
+        atexit.register(self.save)
+        files = sorted(folder.glob("*.bin")) if folder.is_dir() else []
+        for f in files:  # each file: what one process compiled that the ones before it had not
+            try:
+                torch.compiler.load_cache_artifacts(f.read_bytes())
+            except Exception as e:  # a file from another build of torch, or damaged: compile instead
+                warnings.warn(f"ignoring compile cache file {f} ({type(e).__name__}: {e})", stacklevel=2)
+        self.info["loaded_files"] = len(files)
+
+    def save(self) -> Path | None:
+        """A new file with this process's artifacts, if it compiled a graph that the cache did not have (a
+        process that only hit the cache would write the same artifacts again)."""
+        from torch._dynamo.utils import counters
+
+        folder = self.folder()
+        if folder is None or not counters["inductor"]["fxgraph_cache_miss"]:
+            return None
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return None
+        data = saved[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.bin"
+        write_bytes(path, memoryview(data))
+        return path
+
+
+compile_cache = CompileCache()
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -65,8 +142,9 @@ def named_outputs(spec: IOSpec, out) -> dict[str, torch.Tensor]:
 
 
 class TorchEngine:
-    """A live module (any batch); `compiled` wraps it in torch.compile (one graph per batch size, then reused).
-    Under the CUDA-graph torch modes it is wrapped in `GraphedEngine`."""
+    """A live module (any batch); `compiled`: its repeated blocks are compiled (`compile_regions`: one graph per
+    block shape and batch size, kept between processes by `compile_cache`). Under the CUDA-graph torch modes it
+    is wrapped in `GraphedEngine`."""
 
     spec = None  # live modules take any batch
 
@@ -74,7 +152,7 @@ class TorchEngine:
         self.io = spec
         self.names = [t.name for t in spec.inputs]
         self.module = module
-        self.fn = _compile(module) if compiled else module
+        self.fn = compile_regions(module) if compiled else module
 
     @torch.inference_mode()
     def run(self, feeds, stream=None):
@@ -195,14 +273,60 @@ def torch_networks(models, device: str | None = None, precision: str | None = No
                                                                   models.sampling, models.trained_on, graphs))
 
 
-def from_checkpoint(path, **kw) -> EngineNetworks:
-    from nuwaxl.models.checkpoint import load_checkpoint
+def check_build(device: torch.device, precision: str) -> None:
+    """Can this machine compile AOTInductor packages? (registry protocol; before any work is done)"""
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError(f"fp16 AOTInductor packages need a CUDA device; use {option('precision', 'fp32')} or "
+                        f"{option('device', 'cuda')}")
 
-    return torch_networks(load_checkpoint(path), **kw)
+
+def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
+    """The AOTInductor stage (registry protocol): torch.export with a dynamic batch, compile into a package,
+    load it back and run the parity gate on it. Reused when its cache key matches."""
+    import platform
+    import time
+
+    from nuwaxl.engine.stage import cached, check_parity, parity_text, stage_key
+    from nuwaxl.export.onnx_export import dynamic_shapes, write_manifest
+
+    pt2, man_path = job.out / "torch" / f"{name}.pt2", job.out / "torch" / f"{name}.json"
+    where = torch.cuda.get_device_name(job.device) if job.device.type == "cuda" else platform.processor() or "cpu"
+    key = stage_key(checkpoint=job.weights_id, spec=spec.to_dict(), precision=job.precision,
+                    torch=torch.__version__, device=where, parity=job.parity[name])
+    if cached(man_path, key, job.force) and pt2.is_file():
+        job.log(f"{name}: AOTInductor package reused")
+        return {"package": f"torch/{name}.pt2"}
+    names = [t.name for t in spec.inputs]
+    sample = job.sample(spec, min(2, spec.batch_max), next(module.parameters()).dtype)
+    t0 = time.perf_counter()
+    lowest = max(spec.batch_min, AOTI_MIN_BATCH)
+    dynamic = spec.batch_max > lowest  # a package for a single batch size (1 or 2 rows) is static
+    batch = torch.export.Dim("batch", min=lowest, max=spec.batch_max) if dynamic else None
+    with torch.no_grad():
+        program = torch.export.export(module, tuple(sample[n] for n in names),
+                                      dynamic_shapes=dynamic_shapes(module, spec, batch))
+        aoti_compile(program, pt2)
+    compile_s = round(time.perf_counter() - t0, 2)
+    engine = AotiEngine(pt2, spec)
+    result = job.measure_parity(name, engine.run, reference, spec, job.device, f"aoti-{job.device.type}")
+    write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": job.weights_id,
+                              "precision": job.precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
+                              "device": str(job.device), "torch": torch.__version__, "parity": result})
+    check_parity(name, result, man_path)
+    job.log(f"{name}: AOTInductor package compiled in {compile_s} s, {parity_text(result)}")
+    return {"package": f"torch/{name}.pt2"}
 
 
-def from_preset(name: str | ModelConfig, seed: int = 0, **kw) -> EngineNetworks:
-    from nuwaxl.models.checkpoint import NuwaModels
-
-    cfg = preset(name) if isinstance(name, str) else name
-    return torch_networks(NuwaModels.random(cfg, seed=seed), **kw)
+def doctor(gpu: bool) -> dict[str, dict]:
+    """This backend's rows in `trt-nuwaxl doctor` (registry protocol): the live torch modes and the packages."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    no_gpu = "no CUDA GPU is visible"
+    can_compile = gpu or compiler is not None
+    why_compile = None if can_compile else "no GPU and no C++ compiler for Inductor's CPU code"
+    no_graphs = "no: torch mode without graphs"
+    live = "torch.cuda.graph around live modules, one per batch shape"
+    return {"torch-eager": {"usable": True, "why": None, "cuda_graphs": no_graphs},
+            "torch-compile": {"usable": can_compile, "why": why_compile, "cuda_graphs": no_graphs},
+            "torch-cudagraph": {"usable": gpu, "why": None if gpu else no_gpu, "cuda_graphs": live},
+            "torch-compile-cudagraph": {"usable": gpu, "why": None if gpu else no_gpu, "cuda_graphs": live},
+            "torch-aoti": {"usable": can_compile, "why": why_compile, "cuda_graphs": CUDA_GRAPHS}}

@@ -12,7 +12,6 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,10 @@ import onnx
 import torch
 from torch import nn
 
-from nuwaxl.dtypes import torch_dtype
 from nuwaxl.files import write_text
 from nuwaxl.iospec import BATCH, IOSpec
 
 OPSET = 18
-# Parity tolerances: max |onnx - torch fp32| relative to max |torch fp32| over the output, per precision.
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GB: keep weights beside the graph well before that
 
 
@@ -109,36 +105,6 @@ def export_onnx(module: nn.Module, spec: IOSpec, path: Path, sample: dict[str, t
     return {"opset": OPSET, "external_data": external, "param_bytes": param_bytes,
             "cleanup": ["onnxscript optimizer (constant folding, dead code)", "onnx shape inference"],
             "export_s": round(time.perf_counter() - t0, 2)}
-
-
-def measure_parity(session_run: Callable[[dict], dict], reference: nn.Module, spec: IOSpec, precision: str,
-                   batches: list[int], device: torch.device, vocab_size: int, seed: int = 0) -> dict:
-    """Run the engine (`session_run(feeds) -> outputs by name`) and the fp32 PyTorch reference on fresh random
-    inputs at each batch size; each batch records its worst output (none: the result says it was not measured)."""
-    metric = {"metric": "max|onnx - torch_fp32| / max|torch_fp32|", "tolerance": TOLERANCE[precision]}
-    if not batches:
-        return {**metric, "measured": False, "passed": None, "worst_rel_err": None, "batches": {}}
-    dtype = torch_dtype(precision)
-    g = torch.Generator().manual_seed(seed)
-    results = {}
-    for b in sorted(set(batches)):
-        feeds = sample_inputs(spec, b, device, dtype, vocab_size, g)
-        with torch.inference_mode():
-            ref = reference(*(x.float() if x.is_floating_point() else x for x in feeds.values()))
-        refs = (ref,) if isinstance(ref, torch.Tensor) else tuple(ref)
-        outs = session_run(feeds)
-        errors = []
-        for t, r in zip(spec.outputs, refs, strict=True):  # the worst output of the network
-            out, r = outs[t.name].float(), r.float()
-            abs_err, scale = (out - r).abs().max().item(), r.abs().max().item()
-            errors.append({"output": t.name, "max_abs_err": abs_err, "ref_max_abs": scale,
-                           "rel_err": abs_err / scale if scale > 0 else abs_err,  # an all-zero output: absolute
-                           "finite": bool(torch.isfinite(out).all())})
-        worst = max(errors, key=lambda e: e["rel_err"])
-        results[str(b)] = {**worst, "finite": all(e["finite"] for e in errors)}
-    worst = max(r["rel_err"] for r in results.values())
-    ok = worst <= TOLERANCE[precision] and all(r["finite"] for r in results.values())
-    return {**metric, "measured": True, "worst_rel_err": worst, "passed": ok, "batches": results}
 
 
 def write_manifest(path: Path, manifest: dict) -> None:

@@ -67,6 +67,18 @@ class VAEDecoderNet(nn.Module):
         return self.vae.decode(latents / self.scale)
 
 
+def compile_regions() -> tuple[type[nn.Module], ...]:
+    """The repeated blocks that torch.compile compiles one by one (regional compilation): UNet layers, VAE blocks,
+    CLIP encoder layers. Blocks of one shape share one compiled graph, so compiling them costs a few blocks'
+    time instead of the whole network's (torch's "regional compilation" recipe)."""
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    from nuwaxl.models.unet import UNetLayer
+    from nuwaxl.models.vae import AttnBlock, ResnetBlock
+
+    return (UNetLayer, ResnetBlock, AttnBlock, CLIPEncoderLayer)
+
+
 def networks(models: NuwaModels) -> dict[str, nn.Module]:
     """Every network of `nuwaxl.iospec.NETWORKS`, as a module whose arguments and outputs follow its IOSpec."""
     return {"text_encoder": TextEncoderNet(models).eval(), "unet_prepare": UNetPrepareNet(models).eval(),

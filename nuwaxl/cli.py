@@ -34,18 +34,13 @@ def bundled_story() -> Path:
     return Path(str(resources.files("nuwaxl").joinpath("assets/story.txt")))
 
 
-def weights_card(args):
-    """Where the weights come from, decided once: --engines, --checkpoint, --preset (random), else the bundled
-    trained weights. Read from a header or manifest only: no weights are loaded."""
-    from nuwaxl.models.checkpoint import bundled_checkpoint, preset_card, read_card
+def weights_source(args):
+    """Where the weights come from, decided once (nuwaxl.weights): --engines, --checkpoint, --preset (random), else
+    the bundled trained weights. Its card is read from a header or manifest only: no weights are loaded."""
+    from nuwaxl.weights import WeightsSource
 
-    if getattr(args, "engines", None):
-        from nuwaxl.engine.directory import read_card as read_engines_card
-
-        return read_engines_card(args.engines)
-    if args.preset:
-        return preset_card(args.preset)
-    return read_card(args.checkpoint or bundled_checkpoint())
+    return WeightsSource.resolve(checkpoint=getattr(args, "checkpoint", None), preset=getattr(args, "preset", None),
+                                 engines=getattr(args, "engines", None))
 
 
 def note_random_weights(card, doing: str = "generating from") -> None:
@@ -142,7 +137,8 @@ def cmd_generate(args) -> None:
     sheet = None if args.sheet == "none" else check_writable(args.sheet or out.with_name(out.stem + "_tree.png"),
                                                              ".png", flag="--sheet")
     prompts = read_story(args.story or bundled_story())
-    card = weights_card(args)
+    source = weights_source(args)
+    card = source.card()
     config = card.config
     if args.engines:  # built engines fix L, resolution and precision: check the request against them first
         for flag, asked, built in (("--frames-per-call", args.frames_per_call, card.frames_per_call),
@@ -172,7 +168,7 @@ def cmd_generate(args) -> None:
     rank, _ = world()
     if rank == 0:
         note_random_weights(card)
-    pipe = load_pipeline(args, card)
+    pipe = load_pipeline(args, source)
     if large is not None:
         confirm_large(large, pipe)
     plan = request.plan
@@ -204,20 +200,16 @@ def cmd_generate(args) -> None:
           + (f", keyframe tree {sheet}" if draw_sheet else ""), file=sys.stderr)
 
 
-def load_pipeline(args, card):
+def load_pipeline(args, source):
     from nuwaxl.engine.torch_backend import resolve_device
-    from nuwaxl.models.checkpoint import bundled_checkpoint
     from nuwaxl.runtime.pipeline import Pipeline
 
     resolve_device(args.device)
-    if args.engines:
-        return Pipeline.from_engines(args.engines, device=None if args.device == "auto" else args.device,
-                                     torch_mode=args.torch_mode or "aoti")
-    kw = dict(device=args.device, precision=args.precision, resolution=args.resolution,
-              torch_mode=args.torch_mode or "eager")
-    if args.preset:
-        return Pipeline.from_preset(args.preset, **kw)
-    return Pipeline.from_pretrained(args.checkpoint or bundled_checkpoint(), **kw)
+    if source.kind == "engines":
+        return Pipeline.from_source(source, device=None if args.device == "auto" else args.device,
+                                    torch_mode=args.torch_mode or "aoti")
+    return Pipeline.from_source(source, device=args.device, precision=args.precision, resolution=args.resolution,
+                                torch_mode=args.torch_mode or "eager")
 
 
 def confirm_large(large, pipe) -> None:
@@ -265,7 +257,7 @@ def add_build(sub) -> None:
 def cmd_build(args) -> None:
     from nuwaxl.build import build
 
-    note_random_weights(weights_card(args), doing="building from")
+    note_random_weights(weights_source(args).card(), doing="building from")
     t0 = time.perf_counter()
     manifest = build(args.out, args.backend, args.precision, args.max_rows, checkpoint=args.checkpoint,
                      preset_name=args.preset, resolution=args.resolution, frames_per_call=args.frames_per_call,
@@ -413,12 +405,10 @@ def cmd_eval(args) -> None:
     from nuwaxl.train.evaluate import evaluate_generation, load_probe
 
     probe = load_probe(args.probe)
-    card = weights_card(args)
+    source = weights_source(args)
+    card = source.card()
     note_random_weights(card, doing="evaluating")
-    if args.preset:
-        pipe = Pipeline.from_preset(args.preset, device=args.device)
-    else:
-        pipe = Pipeline.from_pretrained(args.checkpoint, device=args.device)  # None: the bundled weights
+    pipe = Pipeline.from_source(source, device=args.device)
     scores = evaluate_generation(pipe, args.frames, args.mode, args.depth, args.stories, args.steps, args.seed, probe,
                                  guidance_scale=args.guidance)
     scores["weights"] = card.source + ("" if card.trained_on.trained else " (random weights)")

@@ -25,6 +25,7 @@ from nuwaxl.runtime.executor import Decoded, Executor, PromptBank, SamplingOptio
 from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
 from nuwaxl.runtime.scheduler import Order, Scheduler
 from nuwaxl.tokenizer import PromptTokenizer, words
+from nuwaxl.weights import WeightsSource
 
 
 @dataclass(frozen=True)
@@ -171,27 +172,37 @@ class Pipeline:
         self.schedule = NoiseSchedule.from_config(nets.spec.config.diffusion)
 
     @classmethod
+    def from_source(cls, source, device: str | None = None, precision: str | None = None,
+                    resolution: int | None = None, torch_mode: str | None = None) -> Pipeline:
+        """Weights from a `nuwaxl.weights.WeightsSource`: engines run as built (AOTInductor packages by default,
+        or live modules of the weights they were built from with another torch mode); a checkpoint or a preset as
+        live PyTorch modules. device: auto (a GPU if present), cpu, cuda[:N]."""
+        if source.kind == "engines":
+            return cls(load_engines(source.name, device=device, torch_mode=torch_mode or "aoti",
+                                    manifest=source.manifest))
+        return cls(torch_backend.torch_networks(source.load(), device=device, precision=precision,
+                                                resolution=resolution, torch_mode=torch_mode or "eager"))
+
+    @classmethod
     def from_pretrained(cls, path=None, device: str | None = None, precision: str | None = None,
                         resolution: int | None = None, torch_mode: str = "eager") -> Pipeline:
         """Load a trt-nuwaxl .safetensors checkpoint (config and tokenizer are inside it) as live PyTorch modules;
         without a path, the bundled trained `small` weights. device: auto (a GPU if present), cpu, cuda[:N];
         torch_mode: eager, compile (torch.compile), cudagraph (CUDA graphs per batch size) or compile-cudagraph."""
-        from nuwaxl.models.checkpoint import bundled_checkpoint
-
-        return cls(torch_backend.from_checkpoint(bundled_checkpoint() if path is None else path, device=device,
-                                                 precision=precision, resolution=resolution, torch_mode=torch_mode))
+        return cls.from_source(WeightsSource.resolve(checkpoint=path and str(path)), device=device,
+                               precision=precision, resolution=resolution, torch_mode=torch_mode)
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: str | None = None, precision: str | None = None,
                     resolution: int | None = None, torch_mode: str = "eager") -> Pipeline:
         """Random weights of a named preset (tiny, small, paper): noise-like videos, for tests and speed runs."""
-        return cls(torch_backend.from_preset(name, seed=seed, device=device, precision=precision,
-                                             resolution=resolution, torch_mode=torch_mode))
+        return cls.from_source(WeightsSource.resolve(preset=name, seed=seed), device=device, precision=precision,
+                               resolution=resolution, torch_mode=torch_mode)
 
     @classmethod
     def from_engines(cls, directory, device: str | None = None, torch_mode: str = "aoti") -> Pipeline:
         """Engines built by `trt-nuwaxl build` (TensorRT, ONNX Runtime or AOTInductor)."""
-        return cls(load_engines(directory, device=device, torch_mode=torch_mode))
+        return cls.from_source(WeightsSource.resolve(engines=str(directory)), device=device, torch_mode=torch_mode)
 
     @property
     def config(self):

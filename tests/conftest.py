@@ -37,11 +37,11 @@ def tiny_pipe() -> Pipeline:
 
 def engine_weights(directory):
     """Eager PyTorch modules of the weights an engine directory was built from (as its manifest records them)."""
-    from nuwaxl.engine.directory import load_weights, read_manifest
     from nuwaxl.engine.torch_backend import torch_networks
+    from nuwaxl.weights import WeightsSource
 
-    m = read_manifest(directory)
-    return torch_networks(load_weights(directory, m), device="cpu", precision="fp32", resolution=m["resolution"])
+    source = WeightsSource.resolve(engines=directory)
+    return torch_networks(source.load(), device="cpu", precision="fp32", resolution=source.manifest["resolution"])
 
 
 def assert_engines_match_pytorch(directory, tmp_path, capsys) -> None:

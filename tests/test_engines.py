@@ -19,7 +19,7 @@ from nuwaxl.config import ModelConfig
 from nuwaxl.engine import tensorrt_backend
 from nuwaxl.engine.directory import load_engines, read_manifest
 from nuwaxl.errors import UserError
-from nuwaxl.export.onnx_export import TOLERANCE
+from nuwaxl.export.parity import TOLERANCE
 from nuwaxl.iospec import NETWORKS, IOSpec, io_specs
 
 TRT = tensorrt_backend.status()
@@ -88,6 +88,44 @@ def test_tensorrt_plans_match_the_spec(trt_dir):
             assert [t["shape"] for t in got] == [[-1 if d == "batch" else d for d in t.shape] for t in want]
         assert rec["profile"] == {k: [list(s) for s in v] for k, v in spec.profile().items()}
         assert rec["precision"] == "fp16" and rec["plan_bytes"] > 0 and rec["library"] == TRT["library"]
+        assert rec["built_with"].startswith("polygraphy ")  # polygraphy's loaders built it, for either library
+
+
+def test_parity_gate_compares_runners_through_polygraphy(ort_dir):
+    """The gate passes the ONNX Runtime engine and fails the same engine with one output off by 5%."""
+    from nuwaxl.engine.onnxruntime_backend import OrtEngine
+    from nuwaxl.engine.stage import BuildJob
+    from nuwaxl.models.checkpoint import NuwaModels
+    from nuwaxl.models.networks import networks
+
+    m = read_manifest(ort_dir)
+    config = ModelConfig.from_dict(m["model_config"])
+    spec = expected_specs(ort_dir)["unet_prepare"]
+    reference = networks(NuwaModels.random(config, seed=0))["unet_prepare"]
+    engine = OrtEngine(ort_dir / "onnx" / "unet_prepare.onnx", spec, torch.device("cpu"))
+    job = BuildJob(ort_dir, "fp32", torch.device("cpu"), "w", config, {"unet_prepare": [1, 3]}, False, quiet)
+
+    def off(feeds):
+        out = engine.run(feeds)
+        return {**out, "k_1": out["k_1"] * 1.05}
+
+    good = job.measure_parity("unet_prepare", engine.run, reference, spec, torch.device("cpu"), "ort")
+    bad = job.measure_parity("unet_prepare", off, reference, spec, torch.device("cpu"), "ort-off")
+    assert good["passed"] and good["compared_with"] == "polygraphy Comparator" and set(good["batches"]) == {"1", "3"}
+    assert good["worst_rel_err"] < TOLERANCE["fp32"]
+    assert not bad["passed"] and bad["batches"]["1"]["output"] == "k_1" and bad["worst_rel_err"] > 0.02
+
+
+def test_every_backend_module_speaks_the_registry_protocol():
+    from nuwaxl.engine.registry import BACKENDS, backend_module
+
+    for name in BACKENDS:
+        module = backend_module(name)
+        for attr in ("status", "doctor", "check_build", "build_network", "files", "load"):
+            assert callable(getattr(module, attr)), (name, attr)
+        assert isinstance(module.CUDA_GRAPHS, str) and module.CUDA_GRAPHS
+        rows = module.doctor(False)
+        assert rows and all(set(r) == {"usable", "why", "cuda_graphs"} for r in rows.values())
 
 
 @needs_trt_build
@@ -226,7 +264,8 @@ def test_build_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(onnxruntime_backend, "ort", None)  # onnxruntime not installed: said before any export
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported before the check"))
     for backend in ("onnxruntime", "tensorrt"):
-        with pytest.raises(UserError, match="onnxruntime is not installed .*: the .* build checks its ONNX export"):
+        with pytest.raises(UserError, match="onnxruntime is not installed .*: the onnxruntime and tensorrt builds "
+                                            "check their ONNX export"):
             build(tmp_path / "x", backend, "fp32", preset_name="tiny", device="cpu")
     assert not (tmp_path / "x").exists()  # and no partial folder is left
 
