@@ -40,20 +40,23 @@ def status() -> dict:
 RECOMPILE_LIMIT = 256
 
 
-def compile_regions(module: nn.Module) -> nn.Module:
+def compile_regions(module: nn.Module):
     """Regional compilation: torch.compile (static shapes, one graph per batch size) every repeated block of
     `models.networks.compile_regions()` in place, instead of the whole network; the rest runs eagerly (and is
-    captured with the blocks under the *-cudagraph modes). Idempotent: networks share blocks."""
+    captured with the blocks under the *-cudagraph modes). A network without such blocks (the text encoder) is
+    compiled whole. Returns what to call. Idempotent: networks share blocks."""
     from nuwaxl.models.networks import compile_regions as regions
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            4 * RECOMPILE_LIMIT)
-    kinds = regions()
-    for m in module.modules():
-        if isinstance(m, kinds) and getattr(m, "_compiled_call_impl", None) is None:
-            m.compile(dynamic=False)
     compile_cache.load()
+    blocks = [m for m in module.modules() if isinstance(m, regions())]
+    if not blocks:
+        return torch.compile(module, dynamic=False)
+    for m in blocks:
+        if getattr(m, "_compiled_call_impl", None) is None:
+            m.compile(dynamic=False)
     return module
 
 

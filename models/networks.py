@@ -68,15 +68,15 @@ class VAEDecoderNet(nn.Module):
 
 
 def compile_regions() -> tuple[type[nn.Module], ...]:
-    """The repeated blocks that torch.compile compiles one by one (regional compilation): UNet layers, VAE blocks,
-    CLIP encoder layers. Blocks of one shape share one compiled graph, so compiling them costs a few blocks'
-    time instead of the whole network's (torch's "regional compilation" recipe)."""
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-
+    """The repeated blocks that torch.compile compiles one by one (regional compilation): UNet layers and VAE
+    blocks. Blocks of one shape share one compiled graph, so compiling them costs a few blocks' time instead of the
+    whole network's (torch's "regional compilation" recipe). Not CLIP's encoder layers: transformers builds their
+    attention mask differently while a CUDA graph is being captured (a guard failure, then a recompile inside the
+    capture, measured on the H200); the small text encoder is compiled whole, mask included."""
     from nuwaxl.models.unet import UNetLayer
     from nuwaxl.models.vae import AttnBlock, ResnetBlock
 
-    return (UNetLayer, ResnetBlock, AttnBlock, CLIPEncoderLayer)
+    return (UNetLayer, ResnetBlock, AttnBlock)
 
 
 def networks(models: NuwaModels) -> dict[str, nn.Module]:

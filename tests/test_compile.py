@@ -24,6 +24,9 @@ def test_regional_compilation_compiles_each_repeated_block_not_the_network():
     assert len(blocks) >= 4 and all(m._compiled_call_impl is not None for m in blocks)
     assert engine.fn is nets["unet_step"] and nets["unet_step"]._compiled_call_impl is None
     assert torch._dynamo.config.recompile_limit >= 256  # every (block shape, batch) pair compiles, none falls back
+    text = TorchEngine(nets["text_encoder"], specs["text_encoder"], compiled=True)  # no repeated blocks of ours
+    assert text.fn is not nets["text_encoder"] and not any(
+        m._compiled_call_impl is not None for m in nets["text_encoder"].modules())
 
 
 CHILD = """
