@@ -13,26 +13,26 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator import Comparator, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 from torch import nn
 
-from nuwaxl.dtypes import torch_dtype
+from nuwaxl.dtypes import TORCH_DTYPES, torch_dtype
 from nuwaxl.iospec import IOSpec
 
 # Parity tolerances: max |engine - torch fp32| relative to max |torch fp32| over an output, per precision.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 METRIC = "max|engine - torch_fp32| / max|torch_fp32|"
-NP_DTYPES = {"float16": np.float16, "float32": np.float32, "int64": np.int64}
 
 
 class EngineRunner(BaseRunner):
-    """An engine (`run(feeds) -> outputs by name`) as a polygraphy runner: numpy feeds in, numpy outputs out, the
-    tensors on `device` in between. Floating inputs are cast to `float_dtype` (the reference runs in fp32)."""
+    """An engine (`run(feeds) -> outputs by name`) as a polygraphy runner: torch tensors in and out, on `device`
+    (polygraphy's comparisons then run on the GPU too: the paper UNet's prepared tensors at 69 rows are billions
+    of values, minutes of single-threaded numpy on the host). Floating inputs are cast to `float_dtype` (the
+    reference runs in fp32); outputs are compared in fp32."""
 
     def __init__(self, run: Callable[[dict], dict], spec: IOSpec, device: torch.device, name: str,
                  float_dtype: torch.dtype | None = None):
@@ -42,13 +42,13 @@ class EngineRunner(BaseRunner):
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
         for t in self.spec.inputs:
-            meta.add(t.name, NP_DTYPES[t.dtype], [-1, *t.shape[1:]])
+            meta.add(t.name, TORCH_DTYPES[t.dtype], [-1, *t.shape[1:]])
         return meta
 
     def infer_impl(self, feed_dict):
         feeds = {}
         for t in self.spec.inputs:
-            x = torch.from_numpy(np.ascontiguousarray(feed_dict[t.name])).to(self.device)
+            x = feed_dict[t.name].to(self.device)
             feeds[t.name] = x.to(self.float_dtype) if self.float_dtype and x.is_floating_point() else x
         start = time.perf_counter()
         with torch.inference_mode():
@@ -56,7 +56,7 @@ class EngineRunner(BaseRunner):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.inference_time = time.perf_counter() - start
-        return OrderedDict((t.name, np.ascontiguousarray(out[t.name].float().cpu().numpy())) for t in self.spec.outputs)
+        return OrderedDict((t.name, out[t.name].float().contiguous()) for t in self.spec.outputs)
 
 
 def reference_runner(module: nn.Module, spec: IOSpec, device: torch.device) -> EngineRunner:
@@ -85,11 +85,11 @@ def measure_parity(engine_run: Callable[[dict], dict], reference: nn.Module, spe
     results = {}
     try:
         for b in sorted(set(batches)):
-            data = [OrderedDict((k, v.cpu().numpy()) for k, v in feeds_for(b).items())]
+            data = [OrderedDict(feeds_for(b))]
             run = Comparator.run([ref_runner, engine_runner], data_loader=data)
             # atol from the reference's own scale, rtol 0: passes iff max|diff| <= tol * max|ref|
-            scales = {name: float(np.abs(y).max()) for name, y in run[0][1][0].items()}
-            compare = CompareFunc.simple(check_error_stat="max", rtol={"": 0.0},
+            scales = {name: float(y.abs().max()) for name, y in run[0][1][0].items()}
+            compare = SimpleCompareFunc(check_error_stat="max", rtol={"": 0.0},
                                          atol={name: tol * s for name, s in scales.items()})
             accuracy = Comparator.compare_accuracy(run, compare_func=compare)
             per_output = next(iter(accuracy[0].values()))[0]  # (reference, engine) pair, first iteration
@@ -99,7 +99,7 @@ def measure_parity(engine_run: Callable[[dict], dict], reference: nn.Module, spe
                 abs_err = float(res.max_absdiff)
                 errors.append({"output": name, "max_abs_err": abs_err, "ref_max_abs": scales[name],
                                "rel_err": abs_err / scales[name] if scales[name] > 0 else abs_err,
-                               "finite": bool(np.isfinite(out).all()), "passed": bool(res)})
+                               "finite": bool(torch.isfinite(out).all()), "passed": bool(res)})
             worst = max(errors, key=lambda e: e["rel_err"])
             results[str(b)] = {**worst, "finite": all(e["finite"] for e in errors),
                                "passed": all(e["passed"] and e["finite"] for e in errors)}
