@@ -90,7 +90,7 @@ def measure_parity(engine_run: Callable[[dict], dict], reference: nn.Module, spe
             # atol from the reference's own scale, rtol 0: passes iff max|diff| <= tol * max|ref|
             scales = {name: float(y.abs().max()) for name, y in run[0][1][0].items()}
             compare = SimpleCompareFunc(check_error_stat="max", rtol={"": 0.0},
-                                         atol={name: tol * s for name, s in scales.items()})
+                                        atol={name: tol * s for name, s in scales.items()})
             accuracy = Comparator.compare_accuracy(run, compare_func=compare)
             per_output = next(iter(accuracy[0].values()))[0]  # (reference, engine) pair, first iteration
             errors = []
