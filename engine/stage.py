@@ -38,12 +38,12 @@ class BuildJob:
     opt_level: int = 3             # TensorRT builder optimization level
     targets: tuple[str, ...] | None = None  # TensorRT-RTX compute capabilities
 
-    def sample(self, spec: IOSpec, batch: int, dtype: torch.dtype, device: torch.device | None = None,
-               seed: int = 1) -> dict[str, torch.Tensor]:
+    def sample(self, spec: IOSpec, batch: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Example inputs for export (seed 1; the parity gate draws its own)."""
         from nuwaxl.export.onnx_export import sample_inputs
 
-        return sample_inputs(spec, batch, device or self.device, dtype, self.config.text.vocab_size,
-                             torch.Generator().manual_seed(seed))
+        return sample_inputs(spec, batch, self.device, dtype, self.config.text.vocab_size,
+                             torch.Generator().manual_seed(1))
 
     def measure_parity(self, name: str, engine_run: Callable[[dict], dict], reference: nn.Module, spec: IOSpec,
                        device: torch.device, engine_name: str) -> dict:
