@@ -2,12 +2,12 @@
 
 Random weights (speed does not depend on weight values). Every backend runs fp16 and is compared with an fp32
 eager PyTorch reference on the same fresh random inputs (relative error: max|out - ref| / max|ref|).
-ONNX and AOTInductor engines are produced by the project's own `build()` (with its own parity manifests).
+AOTInductor and ONNX Runtime engines are produced by the project's own `build()` (with its own parity manifests);
+the live torch modes run the module as `generate --torch-mode MODE` does (channels-last convolution weights,
+regional compilation, one CUDA graph per batch size).
 
-    python benchmarks/engine_latency.py --preset paper --backends eager,cudagraph,compile --batches 1,69 --out r.json
-
-Torch backends named `MODE-step` (e.g. `compile-cudagraph-step`, channels-last weights as the runtime uses them)
-time what the runtime runs per denoising step: the UNet bound to its fixed inputs (`prepare` once, then `step`).
+    python benchmarks/engine_latency.py --preset paper --network unet_step --backends eager,compile-cudagraph,aoti \
+        --batches 1,69 --out r.json
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from nuwaxl.config import preset
-from nuwaxl.engine.torch_backend import AotiEngine, CudaGraphEngine, TorchEngine, channels_last_convs
+from nuwaxl.engine.graphs import GraphedEngine
+from nuwaxl.engine.registry import TORCH_MODES
+from nuwaxl.engine.torch_backend import AotiEngine, TorchEngine, channels_last_convs, package_paths
 from nuwaxl.export.onnx_export import sample_inputs
-from nuwaxl.iospec import io_specs
+from nuwaxl.iospec import NETWORKS, io_specs
 from nuwaxl.models.checkpoint import NuwaModels
 from nuwaxl.models.networks import networks
 
@@ -70,7 +72,7 @@ def cuda_time(fn, iters: int, warmup: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--network", default="unet")
+    ap.add_argument("--network", default="unet_step", choices=NETWORKS)
     ap.add_argument("--backends", default="eager,cudagraph,compile,aoti,onnxruntime")
     ap.add_argument("--batches", default="1,69")
     ap.add_argument("--iters", type=int, default=20)
@@ -84,31 +86,16 @@ def main() -> None:
     t0 = time.perf_counter()
     ref_models = NuwaModels.random(cfg, seed=0, device="cuda").float()  # the same weights build() makes
     reference = networks(ref_models)[args.network]
-    half = networks(NuwaModels.random(cfg, seed=0, device="cuda").half())[args.network]
+    half = channels_last_convs(networks(NuwaModels.random(cfg, seed=0, device="cuda").half())[args.network])
     setup_s = time.perf_counter() - t0
     results = {"preset": args.preset, "network": args.network, "precision": "fp16", "weights": "random (seed 0)",
                "frames_per_call": cfg.frames_per_call, "resolution": cfg.resolution, "env": environment(),
                "setup_s": round(setup_s, 1), "scenarios": []}
 
     def engine_for(backend):
-        if backend.endswith("-step"):  # the runtime's per-step path
-            mode = backend.removesuffix("-step")
-            module = channels_last_convs(networks(NuwaModels.random(cfg, seed=0, device="cuda").half())[args.network])
-            if mode.endswith("cudagraph"):
-                return CudaGraphEngine(module, spec, compile=mode == "compile-cudagraph"), {"per_step": True}
-            return TorchEngine(module, spec, mode), {"per_step": True}
-        if backend.endswith("-cl"):  # the same backend with channels-last convolution weights
-            base = backend.removesuffix("-cl")
-            module = channels_last_convs(networks(NuwaModels.random(cfg, seed=0, device="cuda").half())[args.network])
-            if base == "cudagraph":
-                return CudaGraphEngine(module, spec), {}
-            return TorchEngine(module, spec, "compile" if base == "compile" else "eager"), {}
-        if backend == "eager":
-            return TorchEngine(half, spec), {}
-        if backend == "compile":
-            return TorchEngine(half, spec, "compile"), {}
-        if backend == "cudagraph":
-            return CudaGraphEngine(half, spec), {}
+        if backend in TORCH_MODES:  # a live module, as generate --torch-mode runs it
+            engine = TorchEngine(half, spec, compiled=backend.startswith("compile"))
+            return (GraphedEngine(engine, spec) if backend.endswith("cudagraph") else engine), {}
         from nuwaxl.build import build
 
         if backend == "onnxruntime":
@@ -123,7 +110,7 @@ def main() -> None:
         info = {"build_s": round(time.perf_counter() - t1, 1)}
         if backend == "aoti":
             info["build_manifest"] = json.loads((out / "torch" / f"{args.network}.json").read_text())["parity"]
-            return AotiEngine(out / "torch" / f"{args.network}.pt2", spec), info
+            return AotiEngine(package_paths(out, args.network, spec), spec, dev), info
         from nuwaxl.engine.onnxruntime_backend import OrtEngine
 
         man = json.loads((out / "onnx" / f"{args.network}.json").read_text())
@@ -141,11 +128,7 @@ def main() -> None:
             feeds = sample_inputs(spec, b, dev, torch.float16, cfg.text.vocab_size, torch.Generator().manual_seed(b))
             torch.cuda.reset_peak_memory_stats()
             t1 = time.perf_counter()
-            if info.get("per_step"):
-                step = engine.bind({k: feeds[k] for k in ("context", "cond", "mask")})
-                call = lambda s=step, f=feeds: s(f["x_t"], f["timesteps"])  # noqa: E731
-            else:
-                call = lambda e=engine, f=feeds: e.run(f)[spec.outputs[0].name]  # noqa: E731
+            call = lambda e=engine, f=feeds: e.run(f)[spec.outputs[0].name]  # noqa: E731
             out = call()
             torch.cuda.synchronize()
             first_s = time.perf_counter() - t1

@@ -8,7 +8,8 @@
     DIR/tokenizer.json        the prompt tokenizer
     DIR/onnx/NET.onnx(.data)  exported networks + NET.json export manifest with measured parity
     DIR/tensorrt/NET.plan     TensorRT plans + NET.json (cache key, target GPUs, I/O read back from TensorRT)
-    DIR/torch/NET.pt2         AOTInductor packages + NET.json (parity)
+    DIR/torch/NET.pt2         AOTInductor packages (code only) + NET.safetensors (the weights every package of
+                              NET shares) + NET.json (parity); unet_step also has NET.row1.pt2 for lone calls
 
 NET is each of `nuwaxl.iospec.NETWORKS`: the UNet is two networks, `unet_prepare` and `unet_step`.
 """

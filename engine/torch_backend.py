@@ -166,6 +166,25 @@ class TorchEngine:
 # AOTInductor packages are compiled for batch >= 2 and a lone call is padded to 2 rows: with torch 2.13 a
 # package exported with a dynamic batch gave wrong UNet outputs at batch 1 (relative error 1.5, exact at 2 and 4).
 AOTI_MIN_BATCH = 2
+# Networks that also get a static single-row package, so that a lone call is not padded: `unet_step` runs once
+# per denoising step, and every autoregressive window is a lone call (padded, AR took 50.6 s against 28.9 s for
+# compile-cudagraph on the H200, benchmarks/results/engines-fast-path-h200.md).
+SINGLE_ROW_NETWORKS = ("unet_step",)
+# How packages are laid out; part of every AOTInductor stage's cache key. v2: the weights are not compiled into
+# the package's .so (a 2 GB .so for the paper UNet) but kept once per network in NET.safetensors and handed to
+# every package of that network as user-managed constants (one copy on the GPU); compiled with the largest batch
+# as the size hint; a single-row package for SINGLE_ROW_NETWORKS.
+PACKAGING = 2
+
+
+def package_paths(directory, name: str, spec: IOSpec | None = None) -> dict[str, Path]:
+    """The files of network `name`: its package, its weights and, for SINGLE_ROW_NETWORKS whose package is not
+    already a single-row one (`spec`; None: any), the single-row package."""
+    folder = Path(directory) / "torch"
+    paths = {"package": folder / f"{name}.pt2", "weights": folder / f"{name}.safetensors"}
+    if name in SINGLE_ROW_NETWORKS and (spec is None or spec.batch_min == 1 < spec.batch_max):
+        paths["single_row"] = folder / f"{name}.row1.pt2"
+    return paths
 
 
 def shares_libstdcxx(compiler: str) -> bool:
@@ -198,45 +217,87 @@ def aoti_compiler() -> str:
 
 
 def aoti_compile(program, package: Path) -> None:
-    """torch.export program -> AOTInductor package, with a compiler whose packages load (`aoti_compiler`)."""
+    """torch.export program -> AOTInductor package without its weights (`package_weights` writes them), with a
+    compiler whose packages load (`aoti_compiler`)."""
     from torch._inductor import config
 
-    with config.patch({"cpp.cxx": (aoti_compiler(),)}):
+    with config.patch({"cpp.cxx": (aoti_compiler(),), "aot_inductor.package_constants_in_so": False}):
         torch._inductor.aoti_compile_and_package(program, package_path=str(package))
 
 
-class AotiEngine:
-    """An AOTInductor package: compiled ahead of time by `trt-nuwaxl build --backend torch`."""
+def program_weights(program) -> dict[str, torch.Tensor]:
+    """An exported program's constants (parameters, buffers, lifted tensors) by the names its package asks for."""
+    weights = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
+    odd = [k for k, v in weights.items() if not v.is_contiguous()]
+    if odd:  # the package was compiled for these strides; a dense copy would be misread
+        raise UserError(f"cannot store non-contiguous weights {odd[:3]} outside the AOTInductor package")
+    return weights
 
-    def __init__(self, package_path, spec: IOSpec):
-        if not Path(package_path).is_file():
-            raise UserError(f"AOTInductor package missing: {package_path}; rebuild with trt-nuwaxl build")
+
+def write_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")  # a crash leaves no half-written weights under the final name
+    save_file({k: v.detach().to("cpu", copy=True) for k, v in weights.items()}, str(tmp))  # copies: no tied ones
+    os.replace(tmp, path)
+
+
+class AotiEngine:
+    """An AOTInductor network: its package (dynamic batch), an optional single-row package, and the weights both
+    share (loaded once onto the device, handed to each package as user-managed constants). Compiled ahead of time
+    by `trt-nuwaxl build --backend torch`."""
+
+    def __init__(self, paths: dict[str, Path], spec: IOSpec, device: torch.device):
+        from safetensors.torch import load_file
+
+        for what in paths:
+            if not paths[what].is_file():
+                hint = " (packages from an earlier trt-nuwaxl held their weights inside)" if what == "weights" else ""
+                raise UserError(f"AOTInductor {what} missing: {paths[what]}{hint}; rebuild with trt-nuwaxl build "
+                                f"--backend torch --force --out {paths[what].parent.parent}")
         self.spec = spec
         self.names = [t.name for t in spec.inputs]
+        target = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+            else device
+        self.weights = load_file(str(paths["weights"]), device=str(target))  # owned here, used by every package
+        self.fn = self._load(paths["package"])
+        self.single_row = self._load(paths["single_row"]) if "single_row" in paths else None
+
+    def _load(self, package: Path):
         # run_single_threaded: no cross-thread synchronisation inside the runner (its event waits cannot be
         # captured: "operation not permitted when stream is capturing"), so CUDA graphs can record it.
-        self.fn = torch._inductor.aoti_load_package(str(package_path), run_single_threaded=True)
+        fn = torch._inductor.aoti_load_package(str(package), run_single_threaded=True)
+        wanted = fn.get_constant_fqns()
+        missing = [k for k in wanted if k not in self.weights]
+        if missing:
+            raise UserError(f"{package} needs weights {missing[:3]} that {package.with_suffix('')}.safetensors lacks;"
+                            f" rebuild with trt-nuwaxl build --backend torch --force")
+        fn.load_constants({k: self.weights[k] for k in wanted}, check_full_update=True, user_managed=True)
+        return fn
 
     @torch.inference_mode()
     def run(self, feeds, stream=None):
         batch = next(iter(feeds.values())).shape[0]
         self.spec.check_batch(batch)
-        pad = AOTI_MIN_BATCH - batch if batch < AOTI_MIN_BATCH <= self.spec.batch_max else 0
+        fn = self.single_row if batch == 1 and self.single_row is not None else self.fn
+        pad = AOTI_MIN_BATCH - batch if fn is self.fn and batch < AOTI_MIN_BATCH <= self.spec.batch_max else 0
         # dense row-major inputs, as the package was compiled for (a view such as a transpose would be misread)
         args = [feeds[n].contiguous() if not pad else torch.cat([feeds[n]] + [feeds[n][:1]] * pad)
                 for n in self.names]
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            out = named_outputs(self.spec, self.fn(*args))
+            out = named_outputs(self.spec, fn(*args))
         return {k: v[:batch] for k, v in out.items()} if pad else out
 
 
 def load(directory, name: str, spec: IOSpec, device: torch.device) -> AotiEngine:
     """The engine directory's network `name` (registry protocol)."""
-    return AotiEngine(directory / "torch" / f"{name}.pt2", spec)
+    return AotiEngine(package_paths(directory, name, spec), spec, device)
 
 
 def files(directory, name: str) -> list[str]:
-    return [f"torch/{name}.pt2"]
+    """The network's files in a built directory (registry protocol)."""
+    return [p.relative_to(Path(directory)).as_posix() for p in package_paths(directory, name).values()
+            if p.is_file()]
 
 
 def channels_last_convs(module: nn.Module) -> nn.Module:
@@ -292,32 +353,42 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     from nuwaxl.engine.stage import cached, check_parity, parity_text, stage_key
     from nuwaxl.export.onnx_export import dynamic_shapes, write_manifest
 
-    pt2, man_path = job.out / "torch" / f"{name}.pt2", job.out / "torch" / f"{name}.json"
+    paths = package_paths(job.out, name, spec)
+    man_path = job.out / "torch" / f"{name}.json"
     where = torch.cuda.get_device_name(job.device) if job.device.type == "cuda" else platform.processor() or "cpu"
-    key = stage_key(checkpoint=job.weights_id, spec=spec.to_dict(), precision=job.precision,
+    key = stage_key(checkpoint=job.weights_id, spec=spec.to_dict(), precision=job.precision, packaging=PACKAGING,
                     torch=torch.__version__, device=where, parity=job.parity[name])
-    if cached(man_path, key, job.force) and pt2.is_file():
+    if cached(man_path, key, job.force) and all(p.is_file() for p in paths.values()):
         job.log(f"{name}: AOTInductor package reused")
-        return {"package": f"torch/{name}.pt2"}
+        return {"packages": files(job.out, name)}
     names = [t.name for t in spec.inputs]
-    sample = job.sample(spec, min(2, spec.batch_max), next(module.parameters()).dtype)
+    dtype = next(module.parameters()).dtype
     t0 = time.perf_counter()
     lowest = max(spec.batch_min, AOTI_MIN_BATCH)
     dynamic = spec.batch_max > lowest  # a package for a single batch size (1 or 2 rows) is static
     batch = torch.export.Dim("batch", min=lowest, max=spec.batch_max) if dynamic else None
+    # Compiled with the largest batch as the example: Inductor picks kernel configurations for the example's
+    # sizes, and the largest batches (a whole level of a long video) are where the time goes.
+    sample = job.sample(spec, spec.batch_max, dtype)
     with torch.no_grad():
         program = torch.export.export(module, tuple(sample[n] for n in names),
                                       dynamic_shapes=dynamic_shapes(module, spec, batch))
-        aoti_compile(program, pt2)
+        write_weights(program_weights(program), paths["weights"])
+        aoti_compile(program, paths["package"])
+        if "single_row" in paths:
+            one = job.sample(spec, 1, dtype)
+            aoti_compile(torch.export.export(module, tuple(one[n] for n in names)), paths["single_row"])
+    del program, sample
     compile_s = round(time.perf_counter() - t0, 2)
-    engine = AotiEngine(pt2, spec)
+    engine = AotiEngine(paths, spec, job.device)
     result = job.measure_parity(name, engine.run, reference, spec, job.device, f"aoti-{job.device.type}")
     write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": job.weights_id,
                               "precision": job.precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
-                              "device": str(job.device), "torch": torch.__version__, "parity": result})
+                              "packaging": PACKAGING, "device": str(job.device), "torch": torch.__version__,
+                              "parity": result})
     check_parity(name, result, man_path)
     job.log(f"{name}: AOTInductor package compiled in {compile_s} s, {parity_text(result)}")
-    return {"package": f"torch/{name}.pt2"}
+    return {"packages": files(job.out, name)}
 
 
 def doctor(gpu: bool) -> dict[str, dict]:

@@ -5,11 +5,17 @@ pytest-xdist (`-n 2 --dist loadfile`, as CI runs) it compiles while another work
 """
 
 import json
+import shutil
+import zipfile
 
 import pytest
+import torch
 from conftest import MAX_ROWS, assert_engines_match_pytorch, quiet
+from safetensors.torch import load_file
 
 from nuwaxl.build import build
+from nuwaxl.engine.directory import load_engines
+from nuwaxl.errors import UserError
 from nuwaxl.iospec import NETWORKS
 
 
@@ -20,7 +26,6 @@ def aoti_dir(tmp_path_factory):
     return out
 
 
-
 def test_aoti_packages_have_parity(aoti_dir):
     for name in NETWORKS:
         parity = json.loads((aoti_dir / "torch" / f"{name}.json").read_text())["parity"]
@@ -29,3 +34,43 @@ def test_aoti_packages_have_parity(aoti_dir):
 
 def test_generate_with_aoti_engines_matches_pytorch(aoti_dir, tmp_path, capsys):
     assert_engines_match_pytorch(aoti_dir, tmp_path, capsys)
+
+
+def test_weights_are_stored_once_beside_code_only_packages(aoti_dir):
+    """Each network's weights are in NET.safetensors, not compiled into its packages' .so (the paper UNet's .so
+    was 2 GB and slow to load); the single-row package of unet_step uses the same file."""
+    for name in NETWORKS:
+        weights = load_file(aoti_dir / "torch" / f"{name}.safetensors")
+        largest = max(weights.values(), key=lambda t: t.numel()).contiguous().numpy().tobytes()
+        packages = [f"{name}.pt2"] + ([f"{name}.row1.pt2"] if name == "unet_step" else [])
+        for package in packages:
+            with zipfile.ZipFile(aoti_dir / "torch" / package) as z:
+                code = b"".join(z.read(i) for i in z.namelist() if i.endswith(".so"))
+            assert code and largest[:4096] not in code, (package, len(code))
+    manifest = json.loads((aoti_dir / "engines.json").read_text())
+    assert "torch/unet_step.row1.pt2" in manifest["networks"]["unet_step"]["files"]
+
+
+def test_a_lone_call_runs_the_single_row_package(aoti_dir):
+    engines = load_engines(aoti_dir, device="cpu").engines
+    step = engines["unet_step"]
+    assert step.single_row is not None and engines["unet_prepare"].single_row is None
+    seen = []
+    real = step.single_row
+    step.single_row = lambda *args: seen.append(args[0].shape[0]) or real(*args)
+    feeds = {t.name: torch.zeros(t.concrete(1), dtype=getattr(torch, t.dtype)) for t in step.spec.inputs}
+    step.run(feeds)
+    assert seen == [1]
+
+
+def test_a_package_without_its_weights_file_asks_for_a_rebuild(aoti_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(aoti_dir, old)
+    manifest = json.loads((old / "engines.json").read_text())
+    for name, record in manifest["networks"].items():  # as a directory built before the weights moved out
+        for rel in [r for r in record["files"] if not r.endswith(f"{name}.pt2")]:
+            (old / rel).unlink()
+            del record["files"][rel]
+    (old / "engines.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="weights missing.*rebuild with trt-nuwaxl build --backend torch --force"):
+        load_engines(old, device="cpu")
