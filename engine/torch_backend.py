@@ -225,9 +225,16 @@ def aoti_compile(program, package: Path) -> None:
         torch._inductor.aoti_compile_and_package(program, package_path=str(package))
 
 
-def program_weights(program) -> dict[str, torch.Tensor]:
-    """An exported program's constants (parameters, buffers, lifted tensors) by the names its package asks for."""
-    weights = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
+def program_weights(program, packages: list[Path]) -> dict[str, torch.Tensor]:
+    """The constants (parameters, buffers, lifted tensors) of an exported program that its compiled `packages`
+    ask for, by the names they ask for them (a package of the UNet's prepare part needs 2% of the UNet)."""
+    wanted = {k for p in packages for k in torch._inductor.aoti_load_package(str(p)).get_constant_fqns()}
+    state = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
+    missing = sorted(wanted - state.keys())
+    if missing:
+        raise RuntimeError(f"AOTInductor packages {[p.name for p in packages]} ask for constants {missing[:3]} that "
+                           "the exported program does not have")
+    weights = {k: state[k] for k in sorted(wanted)}
     odd = [k for k, v in weights.items() if not v.is_contiguous()]
     if odd:  # the package was compiled for these strides; a dense copy would be misread
         raise UserError(f"cannot store non-contiguous weights {odd[:3]} outside the AOTInductor package")
@@ -373,11 +380,11 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     with torch.no_grad():
         program = torch.export.export(module, tuple(sample[n] for n in names),
                                       dynamic_shapes=dynamic_shapes(module, spec, batch))
-        write_weights(program_weights(program), paths["weights"])
         aoti_compile(program, paths["package"])
-        if "single_row" in paths:
+        if "single_row" in paths:  # the same module and weights: its constants have the same names
             one = job.sample(spec, 1, dtype)
             aoti_compile(torch.export.export(module, tuple(one[n] for n in names)), paths["single_row"])
+        write_weights(program_weights(program, [p for k, p in paths.items() if k != "weights"]), paths["weights"])
     del program, sample
     compile_s = round(time.perf_counter() - t0, 2)
     engine = AotiEngine(paths, spec, job.device)

@@ -47,6 +47,9 @@ def test_weights_are_stored_once_beside_code_only_packages(aoti_dir):
             with zipfile.ZipFile(aoti_dir / "torch" / package) as z:
                 code = b"".join(z.read(i) for i in z.namelist() if i.endswith(".so"))
             assert code and largest[:4096] not in code, (package, len(code))
+        wanted = {k for p in packages for k in torch._inductor.aoti_load_package(str(aoti_dir / "torch" / p))
+                  .get_constant_fqns()}
+        assert set(weights) == wanted  # no more: unet_prepare's file does not repeat unet_step's weights
     manifest = json.loads((aoti_dir / "engines.json").read_text())
     assert "torch/unet_step.row1.pt2" in manifest["networks"]["unet_step"]["files"]
 
