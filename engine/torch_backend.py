@@ -225,10 +225,10 @@ def aoti_compile(program, package: Path) -> None:
         torch._inductor.aoti_compile_and_package(program, package_path=str(package))
 
 
-def program_weights(program, packages: list[Path]) -> dict[str, torch.Tensor]:
+def program_weights(program, packages: list[Path], device: torch.device) -> dict[str, torch.Tensor]:
     """The constants (parameters, buffers, lifted tensors) of an exported program that its compiled `packages`
     ask for, by the names they ask for them (a package of the UNet's prepare part needs 2% of the UNet)."""
-    wanted = {k for p in packages for k in torch._inductor.aoti_load_package(str(p)).get_constant_fqns()}
+    wanted = {k for p in packages for k in load_package(p, device).get_constant_fqns()}
     state = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
     missing = sorted(wanted - state.keys())
     if missing:
@@ -249,6 +249,32 @@ def write_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_package(path: Path, device: torch.device):
+    """One AOTInductor package, ready to run. On a GPU, torch's C++ loader directly, after checking the package's
+    compute capability: `torch._inductor.aoti_load_package` first compiles test programs for every CPU vector
+    ISA to compare with the package's (40-54 s of compiler runs per process on the H200 machine, with the loader
+    itself taking milliseconds; benchmarks/results/engines-fast-path-h200.md), which only matters for CPU code.
+    run_single_threaded: no cross-thread synchronisation inside the runner (its event waits cannot be captured:
+    "operation not permitted when stream is capturing"), so CUDA graphs can record it."""
+    if device.type != "cuda":
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+    from torch.export.pt2_archive._package import AOTICompiledModel
+
+    built = package_metadata(path).get("AOTI_COMPUTE_CAPABILITY")
+    major, minor = torch.cuda.get_device_capability(device)
+    if built and built != str(10 * major + minor):
+        raise UserError(f"{path} was compiled for CUDA compute capability {built}, this GPU has {major}{minor}; "
+                        f"rebuild on this GPU with trt-nuwaxl build --backend torch --force")
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1,
+                                                   -1 if device.index is None else device.index)
+    return AOTICompiledModel(loader)
+
+
+def package_metadata(path: Path) -> dict[str, str]:
+    """What a package records about the machine it was compiled for (AOTI_DEVICE_KEY, AOTI_COMPUTE_CAPABILITY...)."""
+    return torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model")
+
+
 class AotiEngine:
     """An AOTInductor network: its package (dynamic batch), an optional single-row package, and the weights both
     share (loaded once onto the device, handed to each package as user-managed constants). Compiled ahead of time
@@ -264,16 +290,14 @@ class AotiEngine:
                                 f"--backend torch --force --out {paths[what].parent.parent}")
         self.spec = spec
         self.names = [t.name for t in spec.inputs]
-        target = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
-            else device
-        self.weights = load_file(str(paths["weights"]), device=str(target))  # owned here, used by every package
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index \
+            is None else device
+        self.weights = load_file(str(paths["weights"]), device=str(self.device))  # owned here, used by every package
         self.fn = self._load(paths["package"])
         self.single_row = self._load(paths["single_row"]) if "single_row" in paths else None
 
     def _load(self, package: Path):
-        # run_single_threaded: no cross-thread synchronisation inside the runner (its event waits cannot be
-        # captured: "operation not permitted when stream is capturing"), so CUDA graphs can record it.
-        fn = torch._inductor.aoti_load_package(str(package), run_single_threaded=True)
+        fn = load_package(package, self.device)
         wanted = fn.get_constant_fqns()
         missing = [k for k in wanted if k not in self.weights]
         if missing:
@@ -384,7 +408,8 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
         if "single_row" in paths:  # the same module and weights: its constants have the same names
             one = job.sample(spec, 1, dtype)
             aoti_compile(torch.export.export(module, tuple(one[n] for n in names)), paths["single_row"])
-        write_weights(program_weights(program, [p for k, p in paths.items() if k != "weights"]), paths["weights"])
+        write_weights(program_weights(program, [p for k, p in paths.items() if k != "weights"],
+                                      job.device), paths["weights"])
     del program, sample
     compile_s = round(time.perf_counter() - t0, 2)
     engine = AotiEngine(paths, spec, job.device)

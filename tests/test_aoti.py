@@ -77,3 +77,18 @@ def test_a_package_without_its_weights_file_asks_for_a_rebuild(aoti_dir, tmp_pat
     (old / "engines.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="weights missing.*rebuild with trt-nuwaxl build --backend torch --force"):
         load_engines(old, device="cpu")
+
+
+def test_the_gpu_loader_checks_the_compute_capability(aoti_dir, monkeypatch):
+    """On a GPU, packages are opened by torch's C++ loader directly (torch's Python loader spends 40-54 s compiling
+    CPU ISA probes first); the check that remains is the one that matters there. Exercised here with a CPU
+    package, which the C++ loader runs on the CPU."""
+    from nuwaxl.engine import torch_backend
+
+    package = aoti_dir / "torch" / "vae_decoder.pt2"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch_backend, "package_metadata", lambda path: {"AOTI_COMPUTE_CAPABILITY": "80"})
+    with pytest.raises(UserError, match="compiled for CUDA compute capability 80, this GPU has 90; rebuild"):
+        torch_backend.load_package(package, torch.device("cuda", 0))
+    monkeypatch.setattr(torch_backend, "package_metadata", lambda path: {"AOTI_COMPUTE_CAPABILITY": "90"})
+    assert torch_backend.load_package(package, torch.device("cuda")).get_constant_fqns()
