@@ -1,0 +1,56 @@
+"""Where opening an engine directory's AOTInductor packages spends its time, in a new process: importing torch,
+CUDA start, each network's weights to the GPU, each package through torch's `aoti_load_package`, and handing
+the weights over as user-managed constants. Prints one JSON line per network, then the whole record.
+
+    python benchmarks/aoti_load_profile.py ENGINE_DIR > load.txt
+
+Recorded: benchmarks/results/aoti-load-profile-h200-d51069d.txt (the first package took 50 s: torch's Python
+loader compiles CPU ISA probes; the runtime now opens packages with torch's C++ loader, `load_package`).
+"""
+
+import json
+import sys
+import time
+
+T0 = time.perf_counter()
+import torch  # noqa: E402  (timed)
+
+NETWORKS = ["text_encoder", "unet_prepare", "unet_step", "vae_encoder", "vae_decoder"]
+
+
+def main(directory: str) -> None:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    record = {"import_torch_s": time.perf_counter() - T0}
+    t = time.perf_counter()
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    record["cuda_init_s"] = time.perf_counter() - t
+    folder = Path(directory) / "torch"
+    record["networks"] = {}
+    for name in NETWORKS:
+        row = {}
+        t = time.perf_counter()
+        weights = load_file(str(folder / f"{name}.safetensors"), device="cuda:0")
+        torch.cuda.synchronize()
+        row["weights_s"] = time.perf_counter() - t
+        row["weights_bytes"] = sum(w.numel() * w.element_size() for w in weights.values())
+        for package in sorted(folder.glob(f"{name}*.pt2")):
+            t = time.perf_counter()
+            fn = torch._inductor.aoti_load_package(str(package), run_single_threaded=True)
+            loaded = time.perf_counter()
+            fn.load_constants({k: weights[k] for k in fn.get_constant_fqns()}, check_full_update=True,
+                              user_managed=True)
+            torch.cuda.synchronize()
+            row[package.name] = {"bytes": package.stat().st_size, "load_package_s": loaded - t,
+                                 "load_constants_s": time.perf_counter() - loaded}
+        record["networks"][name] = row
+        print(name, json.dumps(row), flush=True)
+    record["total_s"] = time.perf_counter() - T0
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
