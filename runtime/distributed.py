@@ -7,6 +7,7 @@ run. Rank 0 emits frames and writes outputs. NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -26,11 +27,26 @@ def init_from_env(device: str | None) -> str | None:
         return device
     cuda = torch.cuda.is_available() and device not in ("cpu",)
     dist.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(leave, wait=False)
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return f"cuda:{local}"
     return "cpu"
+
+
+def leave(wait: bool = True) -> None:
+    """Leave the process group, if this process is in one, while the interpreter is fully alive: a gloo process that
+    exits with the group still up, or tears it down while a peer still talks to it, can abort at exit ("terminate
+    called without an active exception", seen once in tests/test_distributed.py). `wait`: first a barrier, so that
+    every rank is done with its collectives; only on a normal finish (after a failure the barrier would hang until
+    the group's timeout instead of letting torchrun stop the others). At exit (`init_from_env`) it does not wait."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def shard(n: int, rank: int, size: int) -> range:

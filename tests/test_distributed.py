@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from conftest import KW as BASE
 from conftest import STORY, frame_diff
 
-from nuwaxl.runtime.distributed import shard
+from nuwaxl.runtime.distributed import leave, shard
 from nuwaxl.runtime.pipeline import Pipeline
 
 KW = {**BASE, "num_frames": 50, "depth": 2, "num_inference_steps": 3, "sampler": "ddpm"}
@@ -33,8 +33,10 @@ def _worker(rank: int, size: int, port: int, out: str) -> None:
             np.save(out, video)
         else:
             assert video is None  # only rank 0 emits frames
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        leave(wait=False)  # no barrier: the other ranks may be inside a collective
+        raise
+    leave()
 
 
 @pytest.mark.parametrize("size", [2, 3])
@@ -48,3 +50,10 @@ def test_data_parallel_video_equals_single_process(size, tmp_path):
     single = Pipeline.from_preset("tiny", device="cpu")(STORY, **KW).frames
     assert parallel.shape == single.shape == (50, 32, 32, 3)
     assert frame_diff(parallel, single)[0] <= 1  # batch-size rounding only
+
+
+def test_leave_waits_then_destroys_the_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    leave()
+    assert not dist.is_initialized()
+    leave()  # outside a group: nothing to do
