@@ -217,7 +217,7 @@ def aoti_compiler() -> str:
 
 
 def aoti_compile(program, package: Path) -> None:
-    """torch.export program -> AOTInductor package without its weights (`package_weights` writes them), with a
+    """torch.export program -> AOTInductor package without its weights (`write_weights` stores them), with a
     compiler whose packages load (`aoti_compiler`)."""
     from torch._inductor import config
 
@@ -227,7 +227,7 @@ def aoti_compile(program, package: Path) -> None:
 
 def program_weights(program, packages: list[Path], device: torch.device) -> dict[str, torch.Tensor]:
     """The constants (parameters, buffers, lifted tensors) of an exported program that its compiled `packages`
-    ask for, by the names they ask for them (a package of the UNet's prepare part needs 2% of the UNet)."""
+    ask for, by the names they ask for them (the paper UNet's prepare part needs 8% of its weights)."""
     wanted = {k for p in packages for k in load_package(p, device).get_constant_fqns()}
     state = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
     missing = sorted(wanted - state.keys())
