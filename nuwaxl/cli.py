@@ -420,6 +420,43 @@ def cmd_eval(args) -> None:
     print(text)
 
 
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve video generation over HTTP, the pipeline kept warm between requests",
+                       formatter_class=Help)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint "
+                     "(default: the bundled trained weights)")
+    src.add_argument("--preset", choices=PRESET_NAMES, default=None, help="random weights of a preset")
+    src.add_argument("--engines", default=None, help="engine directory from trt-nuwaxl build")
+    p.add_argument("--torch-mode", choices=ENGINE_TORCH_MODES, default=None, help="as for generate")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", *ELEMENT_TYPES), default="auto",
+                   help="auto: fp16 on a GPU, fp32 on the CPU")
+    p.add_argument("--resolution", type=positive_int, default=None, help="frame size in px (default: the model's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data", default="nuwaxl-serve", help="folder for the job database, frames and videos")
+    p.add_argument("--max-queue", type=positive_int, default=16, help="jobs waiting at most (more: HTTP 429)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> None:
+    try:
+        import uvicorn
+
+        from nuwaxl.serve import Server, create_app
+    except ImportError as e:
+        raise UserError(f"serving needs the serve extra ({e.name} is missing): pip install \".[serve]\"") from None
+    source = weights_source(args)
+    note_random_weights(source.card(), "serving")
+    server = Server(load_pipeline(args, source), args.data, args.max_queue)
+    print(f"serving on http://{args.host}:{args.port} (jobs in {server.data})", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    finally:
+        server.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trt-nuwaxl", description="NUWA-XL long video generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -429,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_info(sub)
     add_train(sub)
     add_eval(sub)
+    add_serve(sub)
     return parser
 
 

@@ -1,0 +1,260 @@
+"""`trt-nuwaxl serve`: one process that keeps a pipeline (engines or live modules) warm behind an HTTP API.
+
+First slice of the serving issue: the HTTP layer (FastAPI on uvicorn), the job records in SQLite, and one worker
+that runs accepted jobs one after another, in the order they came. Not built yet: batching diffusion calls across
+jobs, cancellation inside a running level (a cancelled job stops at its next finished frame), resuming a restarted
+job from its last finished level (it starts again from the beginning), the web page.
+
+    POST   /v1/videos                 {"prompts": [...], "num_frames": 40, ...} -> 202 {"id": ...}; 422: the reason
+    GET    /v1/videos/{id}            state, frames done, timings
+    GET    /v1/videos/{id}/frames/{n}.png   a frame, once final (frames become final in temporal order)
+    GET    /v1/videos/{id}.mp4        the video, once done
+    DELETE /v1/videos/{id}            cancel
+    GET    /healthz, /metrics         liveness; Prometheus text (queue depth, jobs, frames, time to first frame)
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Response
+from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
+
+from nuwaxl.errors import UserError
+from nuwaxl.runtime.video import write_mp4
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+UNFINISHED = ("queued", "running")
+RETRY_AFTER_S = 5  # what a client told "queue full" waits before asking again
+
+
+class VideoRequest(BaseModel):
+    """What a client asks for; the pipeline's own checks (`Pipeline.prepare`) decide what is valid."""
+
+    prompts: list[str] = Field(min_length=1, description="one prompt per keyframe, or one for the whole video")
+    num_frames: int = 40
+    num_inference_steps: int | None = None
+    seed: int = 0
+    guidance_scale: float | None = None
+    frames_per_call: int | None = None
+    mode: Literal["dod", "ar"] = "dod"
+    order: Literal["level", "depth"] = "level"
+
+    def pipeline_kwargs(self) -> dict:
+        return self.model_dump(exclude={"prompts", "num_frames"}, exclude_none=True)
+
+
+class JobStore:
+    """Accepted jobs in SQLite (`DATA/jobs.db`): a job is recorded before the client hears 202, so a restarted
+    server finds every job it accepted."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)  # autocommit
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, request TEXT NOT NULL, "
+                        "state TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL, "
+                        "frames_done INTEGER NOT NULL DEFAULT 0, first_frame_s REAL, error TEXT)")
+
+    def add(self, job_id: str, request: VideoRequest) -> None:
+        with self.lock:
+            self.db.execute("INSERT INTO jobs (id, request, state, created) VALUES (?, ?, 'queued', ?)",
+                            (job_id, request.model_dump_json(), time.time()))
+
+    def update(self, job_id: str, **fields) -> None:
+        names = ", ".join(f"{k} = ?" for k in fields)
+        with self.lock:
+            self.db.execute(f"UPDATE jobs SET {names} WHERE id = ?", (*fields.values(), job_id))
+
+    def get(self, job_id: str) -> dict | None:
+        with self.lock:
+            cur = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+            row = cur.fetchone()
+            return dict(zip([c[0] for c in cur.description], row, strict=True)) if row else None
+
+    def unfinished(self) -> list[str]:
+        """Jobs accepted but not finished, oldest first (a restarted server runs them again)."""
+        with self.lock:
+            marks = ",".join("?" * len(UNFINISHED))
+            return [r[0] for r in self.db.execute(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created",
+                                                  UNFINISHED)]
+
+
+class Server:
+    """The pipeline, the job store, the queue and the one worker thread."""
+
+    def __init__(self, pipeline, data_dir: str | Path, max_queue: int = 16, start: bool = True):
+        """`start`: run the worker (False: jobs are accepted and recorded, none runs; for tests)."""
+        self.pipeline = pipeline
+        self.data = Path(data_dir)
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(self.data / "jobs.db")
+        self.max_queue = max_queue
+        self.queue: list[str] = self.store.unfinished()  # accepted before a restart: run again, in order
+        self.cancelled: set[str] = set()
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.registry = CollectorRegistry()
+        self.queue_depth = Gauge("nuwaxl_queue_depth", "jobs accepted and not yet running", registry=self.registry)
+        self.jobs = Counter("nuwaxl_jobs", "jobs that ended, by state", ["state"], registry=self.registry)
+        self.frames = Counter("nuwaxl_frames", "frames made", registry=self.registry)
+        self.first_frame = Gauge("nuwaxl_time_to_first_frame_seconds",
+                                 "the last job's time from start to its first frame", registry=self.registry)
+        self.queue_depth.set(len(self.queue))
+        self.worker = threading.Thread(target=self._work, name="nuwaxl-worker", daemon=True)
+        if start:
+            self.worker.start()
+
+    def submit(self, request: VideoRequest) -> str:
+        with self.wake:
+            if len(self.queue) >= self.max_queue:
+                raise HTTPException(429, f"the queue is full ({self.max_queue} jobs); try again later",
+                                    headers={"Retry-After": str(RETRY_AFTER_S)})
+            try:  # the pipeline's checks, before the job is accepted: the CLI's messages
+                self.pipeline.prepare(request.prompts, request.num_frames, **request.pipeline_kwargs())
+            except UserError as e:
+                raise HTTPException(422, str(e)) from None
+            job_id = uuid.uuid4().hex
+            self.store.add(job_id, request)
+            self.queue.append(job_id)
+            self.queue_depth.set(len(self.queue))
+            self.wake.notify()
+        return job_id
+
+    def cancel(self, job_id: str) -> dict:
+        job = self.store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        with self.wake:
+            if job_id in self.queue:
+                self.queue.remove(job_id)
+                self.queue_depth.set(len(self.queue))
+                self.store.update(job_id, state="cancelled", finished=time.time())
+                self.jobs.labels("cancelled").inc()
+            elif job["state"] == "running":
+                self.cancelled.add(job_id)  # the worker stops at the job's next frame
+        return self.store.get(job_id)
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.worker.is_alive():
+            self.worker.join(timeout=60)
+        self.store.db.close()
+
+    def frame_path(self, job_id: str, index: int) -> Path:
+        return self.data / job_id / f"{index:06d}.png"
+
+    def video_path(self, job_id: str) -> Path:
+        return self.data / f"{job_id}.mp4"
+
+    def _work(self) -> None:
+        while True:
+            with self.wake:
+                while not self.queue and not self.stopping:
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                job_id = self.queue.pop(0)
+                self.queue_depth.set(len(self.queue))
+            self._run(job_id)
+
+    def _run(self, job_id: str) -> None:
+        request = VideoRequest.model_validate_json(self.store.get(job_id)["request"])
+        started = time.time()
+        self.store.update(job_id, state="running", started=started, frames_done=0, first_frame_s=None, error=None)
+        (self.data / job_id).mkdir(exist_ok=True)
+        frames = []
+        try:
+            for index, frame in self.pipeline.iter_frames(request.prompts, request.num_frames, progress=False,
+                                                          **request.pipeline_kwargs()):
+                Image.fromarray(frame).save(self.frame_path(job_id, index))
+                frames.append(frame)
+                self.frames.inc()
+                fields = {"frames_done": len(frames)}
+                if len(frames) == 1:
+                    fields["first_frame_s"] = time.time() - started
+                    self.first_frame.set(fields["first_frame_s"])
+                self.store.update(job_id, **fields)
+                if job_id in self.cancelled:
+                    self.cancelled.discard(job_id)
+                    self.store.update(job_id, state="cancelled", finished=time.time())
+                    self.jobs.labels("cancelled").inc()
+                    return
+            write_mp4(frames, self.video_path(job_id))
+            self.store.update(job_id, state="done", finished=time.time())
+            self.jobs.labels("done").inc()
+        except Exception as e:  # this job fails alone, with its reason; the server goes on
+            self.store.update(job_id, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}")
+            self.jobs.labels("failed").inc()
+
+
+def public(job: dict) -> dict:
+    request = json.loads(job["request"])
+    return {"id": job["id"], "state": job["state"], "num_frames": request["num_frames"],
+            "frames_done": job["frames_done"], "error": job["error"],
+            "timings": {"created": job["created"], "started": job["started"], "finished": job["finished"],
+                        "first_frame_s": job["first_frame_s"]}}
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="trt-nuwaxl", summary="NUWA-XL long-video generation")
+
+    @app.post("/v1/videos", status_code=202)
+    def submit(request: VideoRequest) -> dict:
+        return {"id": server.submit(request)}
+
+    @app.get("/v1/videos/{job_id}.mp4")
+    def video(job_id: str):
+        job = server.store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        if job["state"] != "done":
+            raise HTTPException(409, f"job {job_id} is {job['state']}; the mp4 exists once it is done")
+        return FileResponse(server.video_path(job_id), media_type="video/mp4", filename=f"{job_id}.mp4")
+
+    @app.get("/v1/videos/{job_id}")
+    def status(job_id: str) -> dict:
+        job = server.store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return public(job)
+
+    @app.get("/v1/videos/{job_id}/frames/{index}.png")
+    def frame(job_id: str, index: int):
+        job = server.store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        if not 0 <= index < job["frames_done"]:
+            raise HTTPException(404, f"frame {index} of job {job_id} is not final yet ({job['frames_done']} are)")
+        return FileResponse(server.frame_path(job_id, index), media_type="image/png")
+
+    @app.delete("/v1/videos/{job_id}")
+    def cancel(job_id: str) -> dict:
+        return public(server.cancel(job_id))
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"ok": server.worker.is_alive(), "queue": len(server.queue)}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(UserError)
+    def user_error(_, exc: UserError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    return app

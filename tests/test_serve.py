@@ -1,0 +1,128 @@
+"""`trt-nuwaxl serve` (first slice): the HTTP API on the tiny preset, jobs in SQLite, one worker."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import STORY
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from nuwaxl.errors import UserError
+from nuwaxl.runtime.pipeline import Pipeline
+from nuwaxl.runtime.video import read_mp4
+from nuwaxl.serve import Server, create_app
+
+REQUEST = {"prompts": STORY, "num_frames": 40, "frames_per_call": 8, "num_inference_steps": 4, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_preset("tiny", seed=0, device="cpu")
+
+
+def wait_for(client, job_id, states=("done", "failed", "cancelled"), timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        job = client.get(f"/v1/videos/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {job['state']} after {timeout} s")
+
+
+def test_a_job_gives_the_video_of_the_pipeline_alone(pipe, tmp_path):
+    server = Server(pipe, tmp_path)
+    try:
+        client = TestClient(create_app(server))
+        answer = client.post("/v1/videos", json=REQUEST)
+        assert answer.status_code == 202
+        job = wait_for(client, answer.json()["id"])
+        assert job["state"] == "done" and job["frames_done"] == 40, job
+        assert job["timings"]["first_frame_s"] is not None
+        alone = pipe(STORY, progress=False, **{k: v for k, v in REQUEST.items() if k != "prompts"}).frames
+        served = np.stack([np.asarray(Image.open(server.frame_path(job["id"], i))) for i in range(40)])
+        png = client.get(f"/v1/videos/{job['id']}/frames/0.png")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert np.array_equal(served, alone)  # same seed, same frames, bit for bit
+        mp4 = client.get(f"/v1/videos/{job['id']}.mp4")
+        assert mp4.status_code == 200 and mp4.headers["content-type"] == "video/mp4"
+        (tmp_path / "got.mp4").write_bytes(mp4.content)
+        assert read_mp4(tmp_path / "got.mp4").shape[0] == 40
+        metrics = client.get("/metrics").text
+        assert "nuwaxl_frames_total 40.0" in metrics and 'nuwaxl_jobs_total{state="done"} 1.0' in metrics
+        assert client.get("/healthz").json() == {"ok": True, "queue": 0}
+    finally:
+        server.stop()
+
+
+def test_a_bad_request_is_422_with_the_pipelines_message(pipe, tmp_path):
+    server = Server(pipe, tmp_path, start=False)
+    client = TestClient(create_app(server))
+    with pytest.raises(UserError) as direct:
+        pipe.prepare(STORY, 40, num_inference_steps=0)
+    answer = client.post("/v1/videos", json={**REQUEST, "num_inference_steps": 0})
+    assert answer.status_code == 422 and answer.json()["detail"] == str(direct.value)
+    assert client.post("/v1/videos", json={**REQUEST, "mode": "sideways"}).status_code == 422
+    assert client.get("/v1/videos/nope").status_code == 404
+    server.stop()
+
+
+def test_a_full_queue_is_429_with_retry_after(pipe, tmp_path):
+    server = Server(pipe, tmp_path, max_queue=2, start=False)  # no worker: accepted jobs stay queued
+    client = TestClient(create_app(server))
+    assert [client.post("/v1/videos", json=REQUEST).status_code for _ in range(2)] == [202, 202]
+    full = client.post("/v1/videos", json=REQUEST)
+    assert full.status_code == 429 and full.headers["retry-after"] == "5"
+    server.stop()
+
+
+def test_cancelling_a_queued_job(pipe, tmp_path):
+    server = Server(pipe, tmp_path, start=False)
+    client = TestClient(create_app(server))
+    job_id = client.post("/v1/videos", json=REQUEST).json()["id"]
+    assert client.delete(f"/v1/videos/{job_id}").json()["state"] == "cancelled"
+    assert client.get(f"/v1/videos/{job_id}.mp4").status_code == 409
+    assert server.queue == []
+    server.stop()
+
+
+def test_a_restarted_server_runs_the_jobs_it_had_accepted(pipe, tmp_path):
+    first = Server(pipe, tmp_path, start=False)
+    job_id = TestClient(create_app(first)).post("/v1/videos", json=REQUEST).json()["id"]
+    first.stop()  # as if killed before the job ran: it is only in jobs.db
+    second = Server(pipe, tmp_path)
+    try:
+        assert wait_for(TestClient(create_app(second)), job_id)["state"] == "done"
+    finally:
+        second.stop()
+
+
+def test_the_command_serves_http(tmp_path):
+    """`trt-nuwaxl serve` on a real uvicorn server: /healthz answers over a socket."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nuwaxl.cli", "serve", "--preset", "tiny", "--device", "cpu",
+                             "--port", str(port), "--data", str(tmp_path)], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        end = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    assert r.status == 200 and b'"ok":true' in r.read()
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.time() < end, "the server did not answer within 120 s"
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert (tmp_path / "jobs.db").is_file()
