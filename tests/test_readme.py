@@ -39,8 +39,15 @@ def shell_commands() -> list[list[str]]:
         if lang != "bash":
             continue
         for line in body.replace("\\\n", " ").splitlines():
-            for part in re.split(r"&&|;", line.split(" #")[0]):
-                words = shlex.split(part.strip())
+            lexer = shlex.shlex(line.split(" #")[0], posix=True, punctuation_chars=";&|")  # quotes respected
+            lexer.whitespace_split = True
+            parts: list[list[str]] = [[]]
+            for token in lexer:
+                if set(token) <= set(";&|"):  # ;, &&, ||, |, &
+                    parts.append([])
+                else:
+                    parts[-1].append(token)
+            for words in parts:
                 while words and "=" in words[0] and not words[0].startswith("-"):  # VAR=value prefixes
                     words = words[1:]
                 if words:
