@@ -146,13 +146,16 @@ class Server:
                 self.cancelled.add(job_id)  # the worker stops at the job's next frame
         return self.store.get(job_id)
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 5.0) -> None:
+        """Stop taking jobs; wait up to `wait_s` for the running one. A job still running stays `running` in the
+        database and runs again when the server restarts."""
         with self.wake:
             self.stopping = True
             self.wake.notify()
         if self.worker.is_alive():
-            self.worker.join(timeout=60)
-        self.store.db.close()
+            self.worker.join(timeout=wait_s)
+        if not self.worker.is_alive():  # else the worker still writes to it; the process exit closes it
+            self.store.db.close()
 
     def frame_path(self, job_id: str, index: int) -> Path:
         return self.data / job_id / f"{index:06d}.png"
