@@ -29,6 +29,10 @@ CLI_FLAGS = {
 _cli = contextvars.ContextVar("nuwaxl_cli", default=False)
 
 
+class Cancelled(Exception):
+    """A generation stopped because its caller asked (`Pipeline.run(cancel=...)` said so between two steps)."""
+
+
 @contextlib.contextmanager
 def speaking_to_cli() -> Iterator[None]:
     """Within this block, `option` writes command-line flags."""

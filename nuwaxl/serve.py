@@ -1,9 +1,9 @@
 """`trt-nuwaxl serve`: one process that keeps a pipeline (engines or live modules) warm behind an HTTP API.
 
 First slice of the serving issue: the HTTP layer (FastAPI on uvicorn), the job records in SQLite, and one worker
-that runs accepted jobs one after another, in the order they came. Not built yet: batching diffusion calls across
-jobs, cancellation inside a running level (a cancelled job stops at its next finished frame), resuming a restarted
-job from its last finished level (it starts again from the beginning), the web page.
+that runs accepted jobs one after another, in the order they came (a cancelled job stops after its current
+denoising step). Not built yet: batching diffusion calls across jobs, resuming a restarted job from its last finished
+level (it starts again from the beginning), a frame stream for browsers and the web page.
 
     POST   /v1/videos                 {"prompts": [...], "num_frames": 40, ...} -> 202 {"id": ...}; 422: the reason
     GET    /v1/videos/{id}            state, frames done, timings
@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
-from nuwaxl.errors import UserError
+from nuwaxl.errors import Cancelled, UserError
 from nuwaxl.runtime.video import write_mp4
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -143,7 +143,7 @@ class Server:
                 self.store.update(job_id, state="cancelled", finished=time.time())
                 self.jobs.labels("cancelled").inc()
             elif job["state"] == "running":
-                self.cancelled.add(job_id)  # the worker stops at the job's next frame
+                self.cancelled.add(job_id)  # the run stops after its current denoising step
         return self.store.get(job_id)
 
     def stop(self, wait_s: float = 5.0) -> None:
@@ -182,6 +182,7 @@ class Server:
         frames = []
         try:
             for index, frame in self.pipeline.iter_frames(request.prompts, request.num_frames, progress=False,
+                                                          cancel=lambda: job_id in self.cancelled,
                                                           **request.pipeline_kwargs()):
                 Image.fromarray(frame).save(self.frame_path(job_id, index))
                 frames.append(frame)
@@ -191,14 +192,13 @@ class Server:
                     fields["first_frame_s"] = time.time() - started
                     self.first_frame.set(fields["first_frame_s"])
                 self.store.update(job_id, **fields)
-                if job_id in self.cancelled:
-                    self.cancelled.discard(job_id)
-                    self.store.update(job_id, state="cancelled", finished=time.time())
-                    self.jobs.labels("cancelled").inc()
-                    return
             write_mp4(frames, self.video_path(job_id))
             self.store.update(job_id, state="done", finished=time.time())
             self.jobs.labels("done").inc()
+        except Cancelled:  # after the denoising step in which DELETE came
+            self.cancelled.discard(job_id)
+            self.store.update(job_id, state="cancelled", finished=time.time())
+            self.jobs.labels("cancelled").inc()
         except Exception as e:  # this job fails alone, with its reason; the server goes on
             self.store.update(job_id, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}")
             self.jobs.labels("failed").inc()

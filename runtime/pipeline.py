@@ -6,7 +6,7 @@ import math
 import time
 import unicodedata
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,7 +19,7 @@ from nuwaxl.diffusion import NoiseSchedule
 from nuwaxl.engine import torch_backend
 from nuwaxl.engine.base import EngineNetworks
 from nuwaxl.engine.directory import load_engines
-from nuwaxl.errors import UserError, option
+from nuwaxl.errors import Cancelled, UserError, option
 from nuwaxl.runtime.distributed import agree_any, all_gather_rows, shard, world
 from nuwaxl.runtime.executor import Decoded, Executor, PromptBank, SamplingOptions, uint8_frames
 from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
@@ -242,12 +242,13 @@ class Pipeline:
         return times[-1]
 
     def iter_frames(self, prompts: list[str] | str, num_frames: int, progress: bool = True,
-                    timings: dict | None = None, **kwargs) -> Iterator[tuple[int, np.ndarray]]:
+                    timings: dict | None = None, cancel: Callable[[], bool] | None = None,
+                    **kwargs) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (frame index, (H, W, 3) uint8) in temporal order, each as soon as it and all before it are final.
 
         Keyword arguments are those of `prepare`; they are checked before this returns.
         """
-        return self.run(self.prepare(prompts, num_frames, **kwargs), progress, timings)
+        return self.run(self.prepare(prompts, num_frames, **kwargs), progress, timings, cancel=cancel)
 
     def __call__(self, prompts: list[str] | str, num_frames: int, progress: bool = True, **kwargs) -> VideoOutput:
         request = self.prepare(prompts, num_frames, **kwargs)
@@ -260,8 +261,9 @@ class Pipeline:
         return VideoOutput(out, request.plan, timings)
 
     def run(self, req: Request, progress: bool = True, timings: dict | None = None,
-            profile: bool = False) -> Iterator[tuple[int, np.ndarray]]:
-        """Execute a prepared request, yielding frames in temporal order as they become final.
+            profile: bool = False, cancel: Callable[[], bool] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Execute a prepared request, yielding frames in temporal order as they become final. `cancel`: asked
+        after every denoising step; when it says True, the run stops there and raises `Cancelled`.
 
         Batches are enqueued step by step (the host stays at most two steps ahead of the GPU); a batch's frames
         are handed out between the next batch's steps as soon as their decode has finished, so decoding overlaps
@@ -291,7 +293,7 @@ class Pipeline:
                     progress_before = bar.n
                     try:  # between denoising steps, hand out frames of earlier batches as their decode ends
                         done = yield from self._drive(self._submit(executor, bank, req, batch, frames, producers,
-                                                                   bar), emittable, slots, rank)
+                                                                   bar), emittable, slots, rank, cancel)
                     except torch.cuda.OutOfMemoryError as e:
                         failed = e
                     else:
@@ -314,13 +316,15 @@ class Pipeline:
                 bar.close()
                 timings["generate_s"] = time.perf_counter() - t0
 
-    def _drive(self, steps, emittable: list[int], slots: dict, rank: int):
+    def _drive(self, steps, emittable: list[int], slots: dict, rank: int, cancel: Callable[[], bool] | None):
         """Advance a batch's `submit` generator; after each step, yield the frames that are now on the host."""
         while True:
             try:
                 next(steps)
             except StopIteration as finished:
                 return finished.value
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled by the caller")
             if rank == 0:
                 yield from self._emit(emittable, slots, wait=False)
 

@@ -13,7 +13,7 @@ from conftest import STORY
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from nuwaxl.errors import UserError
+from nuwaxl.errors import Cancelled, UserError
 from nuwaxl.runtime.pipeline import Pipeline
 from nuwaxl.runtime.video import read_mp4
 from nuwaxl.serve import Server, create_app
@@ -126,3 +126,27 @@ def test_the_command_serves_http(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert (tmp_path / "jobs.db").is_file()
+
+
+def test_cancelling_a_running_job_stops_it_at_the_next_step(pipe, tmp_path):
+    server = Server(pipe, tmp_path)
+    try:
+        client = TestClient(create_app(server))
+        long = {**REQUEST, "num_frames": 226, "frames_per_call": 16, "num_inference_steps": 200}  # minutes alone
+        job_id = client.post("/v1/videos", json=long).json()["id"]
+        wait_for(client, job_id, states=("running",))
+        t0 = time.time()
+        assert client.delete(f"/v1/videos/{job_id}").status_code == 200
+        job = wait_for(client, job_id, timeout=30)
+        assert job["state"] == "cancelled" and job["frames_done"] < 226, job
+        assert time.time() - t0 < 10  # a step of the tiny preset is milliseconds
+    finally:
+        server.stop()
+
+
+def test_the_pipeline_stops_after_the_step_in_which_it_is_asked_to(pipe):
+    asked = []
+    cancel = lambda: asked.append(1) or len(asked) == 3  # noqa: E731  (True after the third step)
+    with pytest.raises(Cancelled):
+        list(pipe.iter_frames(STORY, 40, frames_per_call=8, num_inference_steps=4, progress=False, cancel=cancel))
+    assert len(asked) == 3
