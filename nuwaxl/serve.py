@@ -142,7 +142,7 @@ class Server:
                 self.queue_depth.set(len(self.queue))
                 self.store.update(job_id, state="cancelled", finished=time.time())
                 self.jobs.labels("cancelled").inc()
-            elif job["state"] == "running":
+            elif job["state"] in UNFINISHED:  # running, or taken by the worker a moment ago
                 self.cancelled.add(job_id)  # the run stops after its current denoising step
         return self.store.get(job_id)
 
