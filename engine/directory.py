@@ -9,7 +9,8 @@
     DIR/onnx/NET.onnx(.data)  exported networks + NET.json export manifest with measured parity
     DIR/tensorrt/NET.plan     TensorRT plans + NET.json (cache key, target GPUs, I/O read back from TensorRT)
     DIR/torch/NET.pt2         AOTInductor packages (code only) + NET.safetensors (the weights every package of
-                              NET shares) + NET.json (parity); unet_step also has NET.row1.pt2 for lone calls
+                              NET shares) + NET.json (parity); NET.rows<N>.pt2: static packages for the
+                              row counts where the time goes (torch_backend.STATIC_ROWS)
 
 NET is each of `nuwaxl.iospec.NETWORKS`: the UNet is two networks, `unet_prepare` and `unet_step`.
 """
@@ -85,7 +86,8 @@ def check_files(directory: Path, manifest: dict) -> dict[str, IOSpec]:
     model config gives. A mismatch means the directory was edited or damaged after the build."""
     config = ModelConfig.from_dict(manifest["model_config"])
     stored = {n: IOSpec.from_dict(manifest["networks"][n]["io_spec"]) for n in NETWORKS}
-    expected = io_specs(config, manifest["precision"], manifest["max_rows"], manifest["frames_per_call"])
+    expected = io_specs(config, manifest["precision"], manifest["max_rows"], manifest["frames_per_call"],
+                        manifest.get("tensor_elements_max"))
     fix = f"rebuild with trt-nuwaxl build --force --out {directory}"
     for name in NETWORKS:
         if stored[name] != expected[name]:

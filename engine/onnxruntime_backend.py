@@ -24,6 +24,12 @@ NP_DTYPES = {"float16": np.float16, "float32": np.float32, "int64": np.int64}
 CUDA_GRAPHS = ("ONNX Runtime's enable_cuda_graph, one gpu_graph_id per batch shape with fixed I/O bindings; off for "
                "a session with a node on the CPU (the reason is kept in the engine's cuda_graphs)")
 
+# The most elements one tensor may hold (registry protocol): the CUDA provider's cuDNN convolutions index with
+# 32-bit integers (paper vae_encoder at 69 rows: CUDNN_STATUS_NOT_SUPPORTED on an H200); `io_specs` bounds the
+# networks' rows by it and the runtime splits larger batches.
+TENSOR_ELEMENTS_MAX = 2**31 - 1
+
+
 def status() -> dict:
     if ort is None:
         return {"usable": False, "why": "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"}

@@ -9,7 +9,8 @@ from typing import Literal
 # backend's library and provides the protocol: `status()` (its library here), `doctor(gpu)` (its rows in
 # `trt-nuwaxl doctor`), `check_build(device, precision)` and `build_network(job, name, module, reference, spec)`
 # (its stages of `trt-nuwaxl build`, engine.stage.BuildJob), `files(directory, name)` and `load(directory, name,
-# spec, device)` (an engine directory's files), and `CUDA_GRAPHS` (how its engines are captured).
+# spec, device)` (an engine directory's files), `CUDA_GRAPHS` (how its engines are captured) and
+# `TENSOR_ELEMENTS_MAX` (the most elements one tensor may hold, or None; bounds the networks' rows).
 # Adding a backend is one module and one line here.
 BACKEND_MODULES = {"tensorrt": ("nuwaxl.engine.tensorrt_backend", ("onnx", "tensorrt")),
                    "onnxruntime": ("nuwaxl.engine.onnxruntime_backend", ("onnx",)),

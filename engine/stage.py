@@ -46,15 +46,17 @@ class BuildJob:
                              torch.Generator().manual_seed(1))
 
     def measure_parity(self, name: str, engine_run: Callable[[dict], dict], reference: nn.Module, spec: IOSpec,
-                       device: torch.device, engine_name: str) -> dict:
-        """The engine against the fp32 reference on fresh inputs at the job's parity batch sizes."""
+                       device: torch.device, engine_name: str, batches: list[int] | None = None) -> dict:
+        """The engine against the fp32 reference on fresh inputs at the job's parity batch sizes (or `batches`,
+        for a backend that must reach more of its files)."""
         from nuwaxl.dtypes import torch_dtype
         from nuwaxl.export.onnx_export import sample_inputs
         from nuwaxl.export.parity import measure_parity
 
         g = torch.Generator().manual_seed(0)
         dtype = torch_dtype(self.precision)
-        return measure_parity(engine_run, reference, spec, self.precision, self.parity[name], device,
+        return measure_parity(engine_run, reference, spec, self.precision,
+                              self.parity[name] if batches is None else batches, device,
                               lambda b: sample_inputs(spec, b, device, dtype, self.config.text.vocab_size, g),
                               engine_name)
 

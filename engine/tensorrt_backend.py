@@ -25,6 +25,11 @@ from nuwaxl.iospec import IOSpec
 # How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
 CUDA_GRAPHS = "execute_async_v3 captured on its own stream and execution context, one graph per batch shape"
 
+# The most elements one tensor may hold (registry protocol): the plans are built from the ONNX stage, whose parity
+# gate runs ONNX Runtime, so its limit holds here too.
+TENSOR_ELEMENTS_MAX = 2**31 - 1
+
+
 def _import():
     for name in ("tensorrt", "tensorrt_rtx"):
         try:

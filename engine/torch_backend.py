@@ -30,6 +30,10 @@ from nuwaxl.iospec import IOSpec
 # How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
 CUDA_GRAPHS = "captured with torch.cuda.graph, one graph per batch shape (packages load with run_single_threaded)"
 
+# The most elements one tensor may hold (registry protocol): none, PyTorch splits what cuDNN cannot index.
+TENSOR_ELEMENTS_MAX = None
+
+
 def status() -> dict:
     """What this backend's library is here (registry protocol)."""
     return {"library": "torch", "version": torch.__version__, "cuda": torch.cuda.is_available()}
@@ -166,24 +170,38 @@ class TorchEngine:
 # AOTInductor packages are compiled for batch >= 2 and a lone call is padded to 2 rows: with torch 2.13 a
 # package exported with a dynamic batch gave wrong UNet outputs at batch 1 (relative error 1.5, exact at 2 and 4).
 AOTI_MIN_BATCH = 2
-# Networks that also get a static single-row package, so that a lone call is not padded: `unet_step` runs once
-# per denoising step, and every autoregressive window is a lone call (padded, AR took 50.6 s against 28.9 s for
-# compile-cudagraph on the H200, benchmarks/results/engines-fast-path-h200.md).
-SINGLE_ROW_NETWORKS = ("unet_step",)
+# Static packages beside a network's dynamic-batch one, for the row counts where the time goes: "min" (a lone call:
+# every autoregressive window and the coarse levels; padded to 2 rows it cost AR 50.6 s against 28.9 s for
+# compile-cudagraph) and, for the per-step UNet, "max" (a whole level of a long video). Measured on the H200,
+# paper unet_step (benchmarks/results/aoti-step-variants-h200-f529f71.json): 69 rows 180 ms per step through the
+# dynamic package, 163 ms through a static one; 1 row 8.0 ms static.
+STATIC_ROWS = {"unet_prepare": ("min",), "unet_step": ("min", "max"), "vae_encoder": ("min",),
+               "vae_decoder": ("min",)}
 # How packages are laid out; part of every AOTInductor stage's cache key. v2: the weights are not compiled into
 # the package's .so (a 2 GB .so for the paper UNet) but kept once per network in NET.safetensors and handed to
 # every package of that network as user-managed constants (one copy on the GPU); compiled with the largest batch
-# as the size hint; a single-row package for SINGLE_ROW_NETWORKS.
-PACKAGING = 2
+# as the size hint. v3: STATIC_ROWS packages; on a GPU, 2-D convolution weights channels-last (NHWC), as the live
+# torch modes run them (paper unet_step, 1 row: 8.76 -> 8.0 ms per step).
+PACKAGING = 3
+
+
+def static_rows(name: str, spec: IOSpec) -> tuple[int, ...]:
+    """The row counts for which network `name` gets a static package beside its main one."""
+    wanted = {{"min": spec.batch_min, "max": spec.batch_max}[w] for w in STATIC_ROWS.get(name, ())}
+    if spec.batch_max <= max(spec.batch_min, AOTI_MIN_BATCH):  # the main package is itself static, at batch_max
+        wanted.discard(spec.batch_max)
+    return tuple(sorted(wanted))
 
 
 def package_paths(directory, name: str, spec: IOSpec | None = None) -> dict[str, Path]:
-    """The files of network `name`: its package, its weights and, for SINGLE_ROW_NETWORKS whose package is not
-    already a single-row one (`spec`; None: any), the single-row package."""
+    """The files of network `name`: its package (dynamic batch), its weights and its static packages
+    (`rows<N>`, `static_rows`; spec None: whichever exist)."""
     folder = Path(directory) / "torch"
     paths = {"package": folder / f"{name}.pt2", "weights": folder / f"{name}.safetensors"}
-    if name in SINGLE_ROW_NETWORKS and (spec is None or spec.batch_min == 1 < spec.batch_max):
-        paths["single_row"] = folder / f"{name}.row1.pt2"
+    rows = static_rows(name, spec) if spec is not None else \
+        sorted(int(p.name.split(".rows")[1].split(".")[0]) for p in folder.glob(f"{name}.rows*.pt2"))
+    for n in rows:
+        paths[f"rows{n}"] = folder / f"{name}.rows{n}.pt2"
     return paths
 
 
@@ -234,19 +252,37 @@ def program_weights(program, packages: list[Path], device: torch.device) -> dict
     if missing:
         raise RuntimeError(f"AOTInductor packages {[p.name for p in packages]} ask for constants {missing[:3]} that "
                            "the exported program does not have")
-    weights = {k: state[k] for k in sorted(wanted)}
-    odd = [k for k, v in weights.items() if not v.is_contiguous()]
-    if odd:  # the package was compiled for these strides; a dense copy would be misread
-        raise UserError(f"cannot store non-contiguous weights {odd[:3]} outside the AOTInductor package")
-    return weights
+    return {k: state[k] for k in sorted(wanted)}
+
+
+def _channels_last(v: torch.Tensor) -> bool:
+    return v.dim() == 4 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last)
 
 
 def write_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """The weights in the memory layout the packages were compiled for: row-major, or channels-last (NHWC) for
+    2-D convolution weights on a GPU, stored as their NHWC permutation and named in the file's metadata."""
     from safetensors.torch import save_file
 
+    odd = [k for k, v in weights.items() if not v.is_contiguous() and not _channels_last(v)]
+    if odd:  # the package was compiled for these strides; a dense copy would be misread
+        raise UserError(f"cannot store weights {odd[:3]} outside the AOTInductor package: neither row-major nor "
+                        "channels-last")
+    nhwc = sorted(k for k, v in weights.items() if _channels_last(v))
+    dense = {k: (v.permute(0, 2, 3, 1) if k in nhwc else v).detach().to("cpu", copy=True)  # copies: no tied ones
+             for k, v in weights.items()}
     tmp = path.with_suffix(".tmp")  # a crash leaves no half-written weights under the final name
-    save_file({k: v.detach().to("cpu", copy=True) for k, v in weights.items()}, str(tmp))  # copies: no tied ones
+    save_file(dense, str(tmp), metadata={"channels_last": ",".join(nhwc)})
     os.replace(tmp, path)
+
+
+def read_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """`write_weights`' file on `device`, each tensor in the layout it was written from."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        nhwc = set(filter(None, (f.metadata() or {}).get("channels_last", "").split(",")))
+        return {k: f.get_tensor(k).permute(0, 3, 1, 2) if k in nhwc else f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
 
 def load_package(path: Path, device: torch.device):
@@ -276,13 +312,11 @@ def package_metadata(path: Path) -> dict[str, str]:
 
 
 class AotiEngine:
-    """An AOTInductor network: its package (dynamic batch), an optional single-row package, and the weights both
-    share (loaded once onto the device, handed to each package as user-managed constants). Compiled ahead of time
-    by `trt-nuwaxl build --backend torch`."""
+    """An AOTInductor network: its package (dynamic batch), static packages for some row counts
+    (`STATIC_ROWS`), and the weights they all share (loaded once onto the device, handed to each package as
+    user-managed constants). Compiled ahead of time by `trt-nuwaxl build --backend torch`."""
 
     def __init__(self, paths: dict[str, Path], spec: IOSpec, device: torch.device):
-        from safetensors.torch import load_file
-
         for what in paths:
             if not paths[what].is_file():
                 hint = " (packages from an earlier trt-nuwaxl held their weights inside)" if what == "weights" else ""
@@ -292,9 +326,9 @@ class AotiEngine:
         self.names = [t.name for t in spec.inputs]
         self.device = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index \
             is None else device
-        self.weights = load_file(str(paths["weights"]), device=str(self.device))  # owned here, used by every package
+        self.weights = read_weights(paths["weights"], self.device)  # owned here, used by every package
         self.fn = self._load(paths["package"])
-        self.single_row = self._load(paths["single_row"]) if "single_row" in paths else None
+        self.static = {int(k.removeprefix("rows")): self._load(p) for k, p in paths.items() if k.startswith("rows")}
 
     def _load(self, package: Path):
         fn = load_package(package, self.device)
@@ -310,7 +344,7 @@ class AotiEngine:
     def run(self, feeds, stream=None):
         batch = next(iter(feeds.values())).shape[0]
         self.spec.check_batch(batch)
-        fn = self.single_row if batch == 1 and self.single_row is not None else self.fn
+        fn = self.static.get(batch, self.fn)
         pad = AOTI_MIN_BATCH - batch if fn is self.fn and batch < AOTI_MIN_BATCH <= self.spec.batch_max else 0
         # dense row-major inputs, as the package was compiled for (a view such as a transpose would be misread)
         args = [feeds[n].contiguous() if not pad else torch.cat([feeds[n]] + [feeds[n][:1]] * pad)
@@ -394,6 +428,8 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
         return {"packages": files(job.out, name)}
     names = [t.name for t in spec.inputs]
     dtype = next(module.parameters()).dtype
+    if job.device.type == "cuda":  # the layout the live torch modes run (PACKAGING v3); the weights file keeps it
+        channels_last_convs(module)
     t0 = time.perf_counter()
     lowest = max(spec.batch_min, AOTI_MIN_BATCH)
     dynamic = spec.batch_max > lowest  # a package for a single batch size (1 or 2 rows) is static
@@ -405,15 +441,19 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
         program = torch.export.export(module, tuple(sample[n] for n in names),
                                       dynamic_shapes=dynamic_shapes(module, spec, batch))
         aoti_compile(program, paths["package"])
-        if "single_row" in paths:  # the same module and weights: its constants have the same names
-            one = job.sample(spec, 1, dtype)
-            aoti_compile(torch.export.export(module, tuple(one[n] for n in names)), paths["single_row"])
+        for rows in static_rows(name, spec):  # the same module and weights: its constants have the same names
+            one = job.sample(spec, rows, dtype)
+            aoti_compile(torch.export.export(module, tuple(one[n] for n in names)), paths[f"rows{rows}"])
         write_weights(program_weights(program, [p for k, p in paths.items() if k != "weights"],
                                       job.device), paths["weights"])
     del program, sample
     compile_s = round(time.perf_counter() - t0, 2)
     engine = AotiEngine(paths, spec, job.device)
-    result = job.measure_parity(name, engine.run, reference, spec, job.device, f"aoti-{job.device.type}")
+    # every package is measured: the dynamic one at its smallest batch if no asked-for batch reaches it
+    asked = job.parity[name]
+    extra = [lowest] if dynamic and asked and all(b in engine.static or b < lowest for b in asked) else []
+    result = job.measure_parity(name, engine.run, reference, spec, job.device, f"aoti-{job.device.type}",
+                                batches=sorted({*asked, *extra}))
     write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": job.weights_id,
                               "precision": job.precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
                               "packaging": PACKAGING, "device": str(job.device), "torch": torch.__version__,

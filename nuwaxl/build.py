@@ -66,7 +66,8 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_rows: int 
     if resolution:
         config = config.with_resolution(resolution)
     L = frames_per_call or config.frames_per_call
-    specs = io_specs(config, precision, max_rows, L)
+    module = backend_module(backend)
+    specs = io_specs(config, precision, max_rows, L, module.TENSOR_ELEMENTS_MAX)
     parity_sizes = {name: parity_batches(specs[name], parity) for name in only}  # checked before any work
     for sub in BACKEND_FOLDERS[backend]:
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,6 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_rows: int 
     versions = {**library_versions(), "python": platform.python_version()}
     job = BuildJob(out, precision, dev, weights_id, config, parity_sizes, force, log, opt_level,
                    tuple(targets) if targets else None)
-    module = backend_module(backend)
     records = {}
     export_nets = networks(_cast_copy(models, dtype)) if dtype != torch.float32 else reference
     for name in only:
@@ -110,7 +110,8 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_rows: int 
         bar.update()
     bar.close()
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "precision": precision,
-                "max_rows": max_rows, "frames_per_call": L, "resolution": config.resolution,
+                "max_rows": max_rows, "tensor_elements_max": module.TENSOR_ELEMENTS_MAX,
+                "frames_per_call": L, "resolution": config.resolution,
                 "model_config": config.to_dict(), "weights": weights, "cuda_graphs": module.CUDA_GRAPHS,
                 "sampling": models.sampling.to_dict(), "trained_on": models.trained_on.to_dict(),
                 "device": str(dev), "device_type": dev.type, "gpu": _gpu_name(dev), "networks": records,

@@ -67,10 +67,11 @@ class IOSpec:
                    d["batch_max"])
 
 
-def io_specs(config: ModelConfig, precision: str, max_rows: int,
-             frames_per_call: int | None = None) -> dict[str, IOSpec]:
-    """Specs of the four networks generation runs; frames (L) and resolution are fixed per build, the batch axis
-    takes 1..max_rows rows."""
+def io_specs(config: ModelConfig, precision: str, max_rows: int, frames_per_call: int | None = None,
+             elements_max: int | None = None) -> dict[str, IOSpec]:
+    """Specs of the networks generation runs; frames (L) and resolution are fixed per build, the batch axis
+    takes 1..max_rows rows, fewer for a network whose largest tensor would pass `elements_max` elements (a
+    backend's indexing limit; the runtime splits larger batches)."""
     if max_rows < 1:
         raise UserError(f"{option('max_rows', max_rows)} must be at least 1")
     if precision not in ELEMENT_TYPES:
@@ -83,8 +84,15 @@ def io_specs(config: ModelConfig, precision: str, max_rows: int,
     video = (BATCH, L, 3, res, res)
 
     def spec(name, inputs, outputs):
+        rows = max_rows
+        peak = peak_elements_per_row(config, name, L)
+        if elements_max is not None and peak is not None:
+            rows = min(rows, elements_max // peak)
+            if rows < 1:
+                raise UserError(f"{name} holds tensors of {peak} elements per row at {res} px, over this backend's "
+                                f"limit of {elements_max}; use a lower resolution or the torch backend")
         return IOSpec(name, tuple(TensorSpec(*t) for t in inputs), tuple(TensorSpec(*t) for t in outputs),
-                      1, max_rows, max_rows)
+                      1, rows, rows)
 
     prepared = prepared_tensors(config, f, L)
     return {
@@ -97,6 +105,21 @@ def io_specs(config: ModelConfig, precision: str, max_rows: int,
         "vae_encoder": spec("vae_encoder", [("video", f, video)], [("latents", f, latent)]),
         "vae_decoder": spec("vae_decoder", [("latents", f, latent)], [("video", f, video)]),
     }
+
+
+def peak_elements_per_row(config: ModelConfig, network: str, frames_per_call: int) -> int | None:
+    """The most elements a tensor inside the T-KLVAE networks holds per batch row (L frames): the encoder's
+    widest full-resolution activation, and the decoder's upsampled ones (level i's channels at level i-1's
+    size). Paper preset, 16 frames: 33.6 M (encoder) and 67.1 M (decoder) per row, so 64 and 32 rows pass 2^31
+    (ONNX Runtime's cuDNN convolutions then fail: CUDNN_STATUS_NOT_SUPPORTED, seen on an H200). None for the
+    other networks: the UNet works at the latent size (paper: under 9 M per row)."""
+    ch, res = config.vae.channels, config.resolution
+    if network == "vae_encoder":
+        return frames_per_call * max(c * (res // 2 ** i) ** 2 for i, c in enumerate(ch))
+    if network == "vae_decoder":
+        return frames_per_call * max([ch[0] * res ** 2] + [c * (res // 2 ** (i - 1)) ** 2
+                                                            for i, c in enumerate(ch) if i > 0])
+    return None
 
 
 def prepared_tensors(config: ModelConfig, dtype: str, frames_per_call: int) -> list[tuple[str, str, tuple]]:

@@ -29,7 +29,10 @@ def aoti_dir(tmp_path_factory):
 def test_aoti_packages_have_parity(aoti_dir):
     for name in NETWORKS:
         parity = json.loads((aoti_dir / "torch" / f"{name}.json").read_text())["parity"]
-        assert parity["passed"] and "1" in parity["batches"]  # batch 1 goes through the padding path
+        assert parity["passed"] and "1" in parity["batches"]
+    # every package is measured: unet_step's dynamic one at 2 rows (1 and MAX_ROWS have static packages)
+    step = json.loads((aoti_dir / "torch" / "unet_step.json").read_text())["parity"]
+    assert sorted(step["batches"], key=int) == ["1", "2", str(MAX_ROWS)]
 
 
 def test_generate_with_aoti_engines_matches_pytorch(aoti_dir, tmp_path, capsys):
@@ -38,11 +41,12 @@ def test_generate_with_aoti_engines_matches_pytorch(aoti_dir, tmp_path, capsys):
 
 def test_weights_are_stored_once_beside_code_only_packages(aoti_dir):
     """Each network's weights are in NET.safetensors, not compiled into its packages' .so (the paper UNet's .so
-    was 2 GB and slow to load); the single-row package of unet_step uses the same file."""
+    was 2 GB and slow to load); the static packages use the same file."""
+    manifest = json.loads((aoti_dir / "engines.json").read_text())
     for name in NETWORKS:
         weights = load_file(aoti_dir / "torch" / f"{name}.safetensors")
         largest = max(weights.values(), key=lambda t: t.numel()).contiguous().numpy().tobytes()
-        packages = [f"{name}.pt2"] + ([f"{name}.row1.pt2"] if name == "unet_step" else [])
+        packages = [rel.removeprefix("torch/") for rel in manifest["networks"][name]["files"] if rel.endswith(".pt2")]
         for package in packages:
             with zipfile.ZipFile(aoti_dir / "torch" / package) as z:
                 code = b"".join(z.read(i) for i in z.namelist() if i.endswith(".so"))
@@ -50,20 +54,49 @@ def test_weights_are_stored_once_beside_code_only_packages(aoti_dir):
         wanted = {k for p in packages for k in torch._inductor.aoti_load_package(str(aoti_dir / "torch" / p))
                   .get_constant_fqns()}
         assert set(weights) == wanted  # no more: unet_prepare's file does not repeat unet_step's weights
-    manifest = json.loads((aoti_dir / "engines.json").read_text())
-    assert "torch/unet_step.row1.pt2" in manifest["networks"]["unet_step"]["files"]
+    files = {n: sorted(r for r in manifest["networks"][n]["files"] if r.endswith(".pt2")) for n in NETWORKS}
+    assert files["unet_step"] == ["torch/unet_step.pt2", "torch/unet_step.rows1.pt2",
+                                  f"torch/unet_step.rows{MAX_ROWS}.pt2"]
+    assert files["vae_decoder"] == ["torch/vae_decoder.pt2", "torch/vae_decoder.rows1.pt2"]
+    assert files["text_encoder"] == ["torch/text_encoder.pt2"]
 
 
-def test_a_lone_call_runs_the_single_row_package(aoti_dir):
+def test_each_row_count_runs_its_package(aoti_dir):
+    """1 row and the largest batch go through their static packages, the rest through the dynamic one; lone
+    calls of a network without a static one are padded to 2 rows."""
     engines = load_engines(aoti_dir, device="cpu").engines
     step = engines["unet_step"]
-    assert step.single_row is not None and engines["unet_prepare"].single_row is None
+    assert sorted(step.static) == [1, MAX_ROWS] and not engines["text_encoder"].static
     seen = []
-    real = step.single_row
-    step.single_row = lambda *args: seen.append(args[0].shape[0]) or real(*args)
-    feeds = {t.name: torch.zeros(t.concrete(1), dtype=getattr(torch, t.dtype)) for t in step.spec.inputs}
-    step.run(feeds)
-    assert seen == [1]
+
+    def spy(name, fn):
+        return lambda *args: seen.append((name, args[0].shape[0])) or fn(*args)
+
+    step.fn = spy("dynamic", step.fn)
+    step.static = {n: spy(f"rows{n}", fn) for n, fn in step.static.items()}
+    for batch in (1, 2, MAX_ROWS):
+        step.run({t.name: torch.zeros(t.concrete(batch), dtype=getattr(torch, t.dtype)) for t in step.spec.inputs})
+    assert seen == [("rows1", 1), ("dynamic", 2), (f"rows{MAX_ROWS}", MAX_ROWS)]
+    text = engines["text_encoder"]
+    text.fn = spy("text", text.fn)
+    text.run({"input_ids": torch.zeros(1, text.spec.inputs[0].shape[1], dtype=torch.int64)})
+    assert seen[-1] == ("text", 2)
+
+
+def test_weights_keep_their_memory_layout(tmp_path):
+    """On a GPU the packages are compiled for channels-last 2-D convolution weights; the weights file keeps
+    that layout (a row-major copy would be read with the wrong strides)."""
+    from nuwaxl.engine.torch_backend import read_weights, write_weights
+
+    conv = torch.randn(8, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    weights = {"conv": conv, "bias": torch.randn(8), "t": torch.randn(2, 3)[:, :2].t()}
+    with pytest.raises(UserError, match="neither row-major nor channels-last"):
+        write_weights(weights, tmp_path / "w.safetensors")
+    del weights["t"]
+    write_weights(weights, tmp_path / "w.safetensors")
+    back = read_weights(tmp_path / "w.safetensors", torch.device("cpu"))
+    assert back["conv"].stride() == conv.stride() and torch.equal(back["conv"], conv)
+    assert back["bias"].is_contiguous() and torch.equal(back["bias"], weights["bias"])
 
 
 def test_a_package_without_its_weights_file_asks_for_a_rebuild(aoti_dir, tmp_path):

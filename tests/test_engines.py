@@ -328,3 +328,36 @@ def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
     out = OrtEngine(path, spec, torch.device("cpu")).run(feeds)["embeddings"]
     with torch.inference_mode():
         torch.testing.assert_close(out, module(feeds["input_ids"]), atol=1e-4, rtol=1e-4)
+
+
+def test_vae_peak_elements_formula_matches_the_modules():
+    """`peak_elements_per_row` is what bounds ONNX Runtime's and TensorRT's T-KLVAE rows (32-bit indexing): it
+    must be the largest tensor the networks really make, measured here with hooks on every submodule."""
+    from nuwaxl.config import preset
+    from nuwaxl.iospec import peak_elements_per_row
+    from nuwaxl.models.checkpoint import NuwaModels
+    from nuwaxl.models.networks import networks
+
+    config = preset("tiny")
+    nets = networks(NuwaModels.random(config, seed=0))
+    L, rows = config.frames_per_call, 2
+    for name, x in (("vae_encoder", torch.randn(rows, L, 3, config.resolution, config.resolution)),
+                    ("vae_decoder", torch.randn(rows, L, config.vae.latent_channels, config.latent_size,
+                                                config.latent_size))):
+        seen = []
+
+        def largest(m, i, o, seen=seen):
+            seen.append(max(t.numel() for t in [*i, *(o if isinstance(o, tuple) else (o,))]
+                            if isinstance(t, torch.Tensor)))
+
+        hooks = [m.register_forward_hook(largest) for m in nets[name].modules()]
+        with torch.no_grad():
+            nets[name](x)
+        for h in hooks:
+            h.remove()
+        assert max(seen) == rows * peak_elements_per_row(config, name, L), name
+    peak = peak_elements_per_row(config, "vae_decoder", L)
+    specs = io_specs(config, "fp32", 16, elements_max=3 * peak + 1)
+    assert specs["vae_decoder"].batch_max == 3 and specs["unet_step"].batch_max == 16
+    with pytest.raises(UserError, match="over this backend's limit"):
+        io_specs(config, "fp32", 16, elements_max=peak - 1)
