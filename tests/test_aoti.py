@@ -125,3 +125,42 @@ def test_the_gpu_loader_checks_the_compute_capability(aoti_dir, monkeypatch):
         torch_backend.load_package(package, torch.device("cuda", 0))
     monkeypatch.setattr(torch_backend, "package_metadata", lambda path: {"AOTI_COMPUTE_CAPABILITY": "90"})
     assert torch_backend.load_package(package, torch.device("cuda")).get_constant_fqns()
+
+
+def test_the_gpu_loader_runs_packages_without_importing_inductor(aoti_dir):
+    """The GPU path opens packages with torch's C++ loader and calls it as torch's AOTICompiledModel does, without
+    importing Dynamo or Inductor (seconds of a cold start). Exercised with a CPU package in a new
+    process: same outputs as torch's loader, and those modules never imported."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, torch
+from pathlib import Path
+from nuwaxl.engine import torch_backend
+torch.cuda.get_device_capability = lambda device=None: (9, 0)
+torch_backend.package_metadata = lambda path: {{}}
+fn = torch_backend.load_package(Path({str(aoti_dir / "torch" / "vae_decoder.pt2")!r}), torch.device("cuda"))
+weights = torch_backend.read_weights(Path({str(aoti_dir / "torch" / "vae_decoder.safetensors")!r}),
+                                     torch.device("cpu"))
+fn.load_constants({{k: weights[k] for k in fn.get_constant_fqns()}}, check_full_update=True, user_managed=True)
+x = torch.randn(2, *[d for d in torch.load({str(aoti_dir / "x.pt")!r}).shape[1:]])
+out = fn(x)
+print(sorted(m for m in ("torch._inductor", "torch._dynamo") if m in sys.modules))
+torch.save((x, out), {str(aoti_dir / "y.pt")!r})
+"""
+    spec = load_engines(aoti_dir, device="cpu").engines["vae_decoder"].spec
+    torch.save(torch.zeros(spec.inputs[0].concrete(1)), aoti_dir / "x.pt")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    x, out = torch.load(aoti_dir / "y.pt")
+    ref = torch._inductor.aoti_load_package(str(aoti_dir / "torch" / "vae_decoder.pt2"))
+    ref.load_constants(read_weights_for(aoti_dir, "vae_decoder"), check_full_update=True)
+    assert torch.allclose(out[0], ref(x), atol=1e-5)
+
+
+def read_weights_for(aoti_dir, name):
+    from nuwaxl.engine.torch_backend import read_weights
+
+    return read_weights(aoti_dir / "torch" / f"{name}.safetensors", torch.device("cpu"))
