@@ -437,6 +437,8 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data", default="nuwaxl-serve", help="folder for the job database, frames and videos")
     p.add_argument("--max-queue", type=positive_int, default=16, help="jobs waiting at most (more: HTTP 429)")
+    p.add_argument("--max-active", type=positive_int, default=4,
+                   help="jobs running at once, their denoising steps batched into one model call")
     p.set_defaults(func=cmd_serve)
 
 
@@ -449,7 +451,7 @@ def cmd_serve(args) -> None:
         raise UserError(f"serving needs the serve extra ({e.name} is missing): pip install \".[serve]\"") from None
     source = weights_source(args)
     note_random_weights(source.card(), "serving")
-    server = Server(load_pipeline(args, source), args.data, args.max_queue)
+    server = Server(load_pipeline(args, source), args.data, args.max_queue, args.max_active)
     print(f"serving on http://{args.host}:{args.port} (jobs in {server.data})", file=sys.stderr)
     try:
         uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")

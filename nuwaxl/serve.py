@@ -1,9 +1,11 @@
 """`trt-nuwaxl serve`: one process that keeps a pipeline (engines or live modules) warm behind an HTTP API.
 
-First slice of the serving issue: the HTTP layer (FastAPI on uvicorn), the job records in SQLite, and one worker
-that runs accepted jobs one after another, in the order they came (a cancelled job stops after its current
-denoising step). Not built yet: batching diffusion calls across jobs, resuming a restarted job from its last finished
-level (it starts again from the beginning), a frame stream for browsers and the web page.
+The HTTP layer (FastAPI on uvicorn), the job records in SQLite, and `max_active` worker threads that take accepted
+jobs in the order they came and run them at once on one `runtime.batching.SharedNetworks`: the denoising steps of
+all running jobs are merged into one model call per step (continuous batching: a short job joins a long one's steps
+instead of waiting for it to end). A cancelled job stops after its current denoising step. Not built yet: resuming a
+restarted job from its last finished level (it starts again from the beginning), a frame stream for browsers and
+the web page.
 
     POST   /v1/videos                 {"prompts": [...], "num_frames": 40, ...} -> 202 {"id": ...}; 422: the reason
     GET    /v1/videos/{id}            state, frames done, timings
@@ -26,11 +28,12 @@ from typing import Literal
 from fastapi import FastAPI, HTTPException, Response
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from nuwaxl.errors import Cancelled, UserError
+from nuwaxl.runtime.batching import SharedNetworks
 from nuwaxl.runtime.video import write_mp4
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -92,11 +95,14 @@ class JobStore:
 
 
 class Server:
-    """The pipeline, the job store, the queue and the one worker thread."""
+    """The pipeline (its networks shared by the workers, steps merged), the job store, the queue and the workers."""
 
-    def __init__(self, pipeline, data_dir: str | Path, max_queue: int = 16, start: bool = True):
-        """`start`: run the worker (False: jobs are accepted and recorded, none runs; for tests)."""
-        self.pipeline = pipeline
+    def __init__(self, pipeline, data_dir: str | Path, max_queue: int = 16, max_active: int = 4,
+                 start: bool = True):
+        """`max_active`: jobs that run at once (their steps batched together); `start`: run the workers (False:
+        jobs are accepted and recorded, none runs; for tests)."""
+        if max_active < 1:
+            raise UserError(f"max_active {max_active}: at least one job must be able to run; use 1 or more")
         self.data = Path(data_dir)
         self.data.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.data / "jobs.db")
@@ -111,10 +117,22 @@ class Server:
         self.frames = Counter("nuwaxl_frames", "frames made", registry=self.registry)
         self.first_frame = Gauge("nuwaxl_time_to_first_frame_seconds",
                                  "the last job's time from start to its first frame", registry=self.registry)
+        self.active = Gauge("nuwaxl_active_jobs", "jobs running now", registry=self.registry)
+        self.step_rows = Histogram("nuwaxl_step_rows", "rows (calls, x2 with guidance) per merged denoising step",
+                                   buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.step_jobs = Histogram("nuwaxl_step_jobs", "jobs per merged denoising step", buckets=(1, 2, 4, 8, 16),
+                                   registry=self.registry)
         self.queue_depth.set(len(self.queue))
-        self.worker = threading.Thread(target=self._work, name="nuwaxl-worker", daemon=True)
+        self.pipeline = type(pipeline)(SharedNetworks(pipeline.nets, on_merged=self._merged))
+        self.workers = [threading.Thread(target=self._work, name=f"nuwaxl-worker-{i}", daemon=True)
+                        for i in range(max_active)]
         if start:
-            self.worker.start()
+            for w in self.workers:
+                w.start()
+
+    def _merged(self, rows: int, jobs: int) -> None:
+        self.step_rows.observe(rows)
+        self.step_jobs.observe(jobs)
 
     def submit(self, request: VideoRequest) -> str:
         with self.wake:
@@ -147,15 +165,17 @@ class Server:
         return self.store.get(job_id)
 
     def stop(self, wait_s: float = 5.0) -> None:
-        """Stop taking jobs; wait up to `wait_s` for the running one. A job still running stays `running` in the
+        """Stop taking jobs; wait up to `wait_s` for the running ones. A job still running stays `running` in the
         database and runs again when the server restarts."""
         with self.wake:
             self.stopping = True
-            self.wake.notify()
-        if self.worker.is_alive():
-            self.worker.join(timeout=wait_s)
-        if not self.worker.is_alive():  # else the worker still writes to it; the process exit closes it
-            self.store.db.close()
+            self.wake.notify_all()
+        deadline = time.monotonic() + wait_s
+        for w in self.workers:
+            if w.is_alive():
+                w.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not any(w.is_alive() for w in self.workers):  # else a worker still writes to it; the process exit
+            self.store.db.close()  # closes it
 
     def frame_path(self, job_id: str, index: int) -> Path:
         return self.data / job_id / f"{index:06d}.png"
@@ -172,7 +192,11 @@ class Server:
                     return
                 job_id = self.queue.pop(0)
                 self.queue_depth.set(len(self.queue))
-            self._run(job_id)
+            self.active.inc()
+            try:
+                self._run(job_id)
+            finally:
+                self.active.dec()
 
     def _run(self, job_id: str) -> None:
         request = VideoRequest.model_validate_json(self.store.get(job_id)["request"])
@@ -250,7 +274,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"ok": server.worker.is_alive(), "queue": len(server.queue)}
+        alive = sum(w.is_alive() for w in server.workers)
+        return {"ok": alive == len(server.workers), "workers": alive, "queue": len(server.queue)}
 
     @app.get("/metrics")
     def metrics() -> Response:

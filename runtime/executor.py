@@ -192,24 +192,29 @@ class Executor:
             needed = {id(producers[p]): producers[p] for c in calls for p in c.cond_positions if p in producers}
             for dec in needed.values():
                 lanes.wait(lanes.compute, dec.ready, dec.pixels)
-            denoise, x_T, noise = self._setup(calls, context, uncond, frames, draw)
+            denoise, x_T, noise, eps_fn = self._setup(calls, context, uncond, frames, draw)
         opt = self.options
         steps = sample_steps(denoise, x_T, self.schedule, opt.num_inference_steps, opt.sampler, noise, opt.eta,
                              on_step)
         issued: deque[torch.cuda.Event] = deque()
-        while True:  # no stream context is held across a yield: the caller's code runs on its own stream
-            with lanes.on(lanes.compute):
-                try:
-                    i = next(steps)
-                except StopIteration as finished:
-                    x0 = finished.value
-                    sampled = lanes.record(lanes.compute)
-                    break
-                if lanes.cuda:  # stay at most HOST_AHEAD steps ahead of the GPU
-                    issued.append(lanes.record(lanes.compute))
-                    if len(issued) > HOST_AHEAD:
-                        issued.popleft().synchronize()
-            yield i
+        try:
+            while True:  # no stream context is held across a yield: the caller's code runs on its own stream
+                with lanes.on(lanes.compute):
+                    try:
+                        i = next(steps)
+                    except StopIteration as finished:
+                        x0 = finished.value
+                        sampled = lanes.record(lanes.compute)
+                        break
+                    if lanes.cuda:  # stay at most HOST_AHEAD steps ahead of the GPU
+                        issued.append(lanes.record(lanes.compute))
+                        if len(issued) > HOST_AHEAD:
+                            issued.popleft().synchronize()
+                yield i
+        finally:  # also when the caller stops early (cancel, error): a shared denoiser stops waiting for it
+            close = getattr(eps_fn, "close", None)  # runtime.batching's denoisers merge steps across jobs
+            if close is not None:
+                close()
         self._mark("sample", level)
         with lanes.on(lanes.vae):
             lanes.wait(lanes.vae, sampled, x0)
@@ -256,4 +261,4 @@ class Executor:
             return eps
 
         noise = (lambda i: draw()) if needs_noise(opt.sampler, opt.eta) else None
-        return denoise, draw(), noise
+        return denoise, draw(), noise, eps_fn

@@ -1,4 +1,4 @@
-"""`trt-nuwaxl serve` (first slice): the HTTP API on the tiny preset, jobs in SQLite, one worker."""
+"""`trt-nuwaxl serve`: the HTTP API on the tiny preset, jobs in SQLite, workers whose steps are batched together."""
 
 import os
 import socket
@@ -56,7 +56,7 @@ def test_a_job_gives_the_video_of_the_pipeline_alone(pipe, tmp_path):
         assert read_mp4(tmp_path / "got.mp4").shape[0] == 40
         metrics = client.get("/metrics").text
         assert "nuwaxl_frames_total 40.0" in metrics and 'nuwaxl_jobs_total{state="done"} 1.0' in metrics
-        assert client.get("/healthz").json() == {"ok": True, "queue": 0}
+        assert client.get("/healthz").json() == {"ok": True, "workers": 4, "queue": 0}
     finally:
         server.stop()
 
@@ -150,3 +150,24 @@ def test_the_pipeline_stops_after_the_step_in_which_it_is_asked_to(pipe):
     with pytest.raises(Cancelled):
         list(pipe.iter_frames(STORY, 40, frames_per_call=8, num_inference_steps=4, progress=False, cancel=cancel))
     assert len(asked) == 3
+
+
+def test_a_short_job_submitted_after_a_long_one_finishes_first(pipe, tmp_path):
+    """Fairness: running jobs share every denoising step (continuous batching), so a short job does not wait for
+    a long one that came before it; with one job at a time (max_active=1) it would."""
+    order = {}
+    for active in (1, 2):
+        server = Server(pipe, tmp_path / str(active), max_active=active)
+        try:
+            client = TestClient(create_app(server))
+            long = client.post("/v1/videos", json=dict(REQUEST, num_frames=120, num_inference_steps=8)).json()["id"]
+            wait_for(client, long, states=("running",))
+            short = client.post("/v1/videos", json=dict(REQUEST, num_frames=8, num_inference_steps=2)).json()["id"]
+            jobs = {name: wait_for(client, i) for name, i in (("long", long), ("short", short))}
+            assert all(j["state"] == "done" for j in jobs.values()), jobs
+            order[active] = sorted(jobs, key=lambda n: jobs[n]["timings"]["finished"])
+            metrics = client.get("/metrics").text
+        finally:
+            server.stop()
+    assert order == {1: ["long", "short"], 2: ["short", "long"]}
+    assert "nuwaxl_step_jobs_bucket" in metrics

@@ -1,0 +1,174 @@
+"""Cross-request batching: the denoising steps of concurrent generations run as one model call.
+
+A server runs each job in its own thread, all on one `SharedNetworks`. Every network call holds one lock (an
+engine keeps per-shape buffers and CUDA graphs), and `denoiser` steps are merged: a job that asks for eps(x_t, t)
+waits until every other job that is sampling right now has asked too (at most `wait_s`), then one of them runs all
+their rows as one `unet_step` call and hands each job its rows. Rows carry their own timesteps, so jobs at
+different steps, with different step counts, samplers or guidance merge alike; only the engine (frames per call,
+resolution) must be the same, which one `SharedNetworks` guarantees. Each job draws its noise from its own
+generators and applies its own sampler update, so its video does not depend on who it was batched with (up to the
+rounding of batched kernels; tests/test_batching.py).
+
+Fairness: every sampling job advances one step per merged call, so a short job that arrives while a long one runs
+joins the next step instead of waiting for the long one to end (continuous batching, as vLLM does for tokens).
+How many jobs run at once is the server's `max_active`; the rest wait in FIFO order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from nuwaxl.engine.base import EngineNetworks
+
+
+@dataclass(eq=False)
+class _Ask:
+    """One job's step: its rows, and (once the merged call ran) its eps."""
+
+    job: _Denoiser
+    x_t: torch.Tensor
+    t: torch.Tensor
+    made: torch.cuda.Event | None  # the asking job's stream has produced x_t and t
+    eps: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Denoiser:
+    """A job's bound denoiser: its prepared tensors (unet_prepare's outputs for its batch of calls)."""
+
+    shared: SharedNetworks
+    prepared: dict[str, torch.Tensor]
+    closed: bool = False
+    rows: int = field(init=False)
+
+    def __post_init__(self):
+        self.rows = next(iter(self.prepared.values())).shape[0]
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.shared._step(self, x_t, t)
+
+    def close(self) -> None:
+        """Sampling is over for this batch of calls: nobody waits for its next step."""
+        with self.shared._cv:
+            self.closed = True
+            self.shared._active.discard(self)
+            self.shared._cv.notify_all()
+
+
+class SharedNetworks:
+    """`EngineNetworks` for several threads at once, with their denoising steps merged (module docstring).
+    `on_merged(rows, jobs)` is told the size of every merged call (for metrics)."""
+
+    def __init__(self, nets: EngineNetworks, wait_s: float = 0.05,
+                 on_merged: Callable[[int, int], None] | None = None):
+        self.inner = nets
+        self.spec = nets.spec
+        self.tokenizer = nets.tokenizer
+        self.engines = nets.engines
+        self.wait_s = wait_s
+        self.on_merged = on_merged
+        self._lock = threading.RLock()  # one network call at a time
+        self._cv = threading.Condition()
+        self._active: set[_Denoiser] = set()  # sampling now: each merged call waits for their steps
+        self._asks: list[_Ask] = []
+        self._leading = False
+        self._bound: tuple[tuple, Callable[[dict], dict]] | None = None  # (the jobs merged, their bound step)
+
+    def _locked(self, fn, *args):
+        with self._lock:
+            return fn(*args)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self._locked(self.inner.encode_prompts, prompts)
+
+    def encode_frames(self, video: torch.Tensor) -> torch.Tensor:
+        return self._locked(self.inner.encode_frames, video)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._locked(self.inner.decode_latents, latents)
+
+    def release(self) -> None:
+        with self._lock:
+            self._bound = None
+            self.inner.release()
+
+    def denoiser(self, context, cond, mask) -> _Denoiser:
+        """As `EngineNetworks.denoiser`; the returned function's steps merge with other jobs' (close it when
+        sampling ends, or the others wait `wait_s` for it at every step)."""
+        prepared = self._locked(self.inner._run, "unet_prepare", {"context": context, "cond": cond, "mask": mask})
+        job = _Denoiser(self, prepared)
+        with self._cv:
+            self._active.add(job)
+        return job
+
+    def denoise(self, x_t, t, context, cond, mask) -> torch.Tensor:
+        job = self.denoiser(context, cond, mask)
+        try:
+            return job(x_t, t)
+        finally:
+            job.close()
+
+    def _step(self, job: _Denoiser, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cuda = x_t.is_cuda
+        ask = _Ask(job, x_t, t, torch.cuda.current_stream().record_event() if cuda else None)
+        with self._cv:
+            self._asks.append(ask)
+            self._active.add(job)
+            self._cv.notify_all()
+            deadline = time.monotonic() + self.wait_s
+            while ask.eps is None and ask.error is None:
+                everyone = {a.job for a in self._asks} >= self._active
+                if not self._leading and self._asks and (everyone or time.monotonic() >= deadline):
+                    self._leading, merged, self._asks = True, self._asks, []
+                    break
+                self._cv.wait(timeout=max(0.0, deadline - time.monotonic()) or self.wait_s)
+            else:
+                return self._received(ask)
+        try:  # this thread runs everyone's rows
+            self._run_merged(merged)
+        except BaseException as e:
+            for a in merged:
+                a.error = e
+        with self._cv:
+            self._leading = False
+            self._cv.notify_all()
+        return self._received(ask)
+
+    @staticmethod
+    def _received(ask: _Ask) -> torch.Tensor:
+        if ask.error is not None:
+            raise ask.error
+        if ask.done is not None:  # the merged call ran on another job's stream
+            torch.cuda.current_stream().wait_event(ask.done)
+            ask.eps.record_stream(torch.cuda.current_stream())
+        return ask.eps
+
+    def _run_merged(self, merged: list[_Ask]) -> None:
+        with self._lock:
+            stream = torch.cuda.current_stream() if merged[0].made is not None else None
+            for a in merged:
+                if stream is not None:
+                    stream.wait_event(a.made)
+            composition = tuple(a.job for a in merged)  # the jobs themselves: an id could be reused
+            if self._bound is None or self._bound[0] != composition:
+                jobs = [a.job for a in merged]
+                fixed = jobs[0].prepared if len(jobs) == 1 else \
+                    {k: torch.cat([j.prepared[k] for j in jobs]) for k in jobs[0].prepared}
+                self._bound = (composition, self.inner._bind("unet_step", fixed))
+            x_t = torch.cat([a.x_t for a in merged]) if len(merged) > 1 else merged[0].x_t
+            t = torch.cat([a.t for a in merged]) if len(merged) > 1 else merged[0].t
+            eps = self._bound[1]({"x_t": x_t, "timesteps": t})["eps"]
+            done = stream.record_event() if stream is not None else None
+            start = 0
+            for a in merged:
+                a.eps, a.done = eps[start: start + a.job.rows], done
+                start += a.job.rows
+        if self.on_merged is not None:
+            self.on_merged(start, len(merged))
