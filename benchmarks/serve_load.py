@@ -1,0 +1,151 @@
+"""A bounded localhost load test of `trt-nuwaxl serve`: the real HTTP stack (uvicorn in this process, clients over
+TCP), a fixed number of requests per row.
+
+For each concurrency C in --clients: C clients each POST one request at the same moment and poll its status until
+it is done. Measured per row: time to first frame per request as a client sees it (POST -> status says one frame is
+final; polled every 10 ms), its p50 / p95, and aggregate frames/s (all frames / wall time from the first POST to the
+last job done). `--compare-sequential` runs the same C requests with one job at a time (`max_active=1`) too: the
+throughput that cross-request batching adds.
+
+    python benchmarks/serve_load.py --preset tiny --device cpu --clients 1,4 --frames 16 --steps 4 --out r.json
+    python benchmarks/serve_load.py --preset paper --device cuda --torch-mode cudagraph --clients 1,4,16 \\
+        --frames 16 --steps 50 --compare-sequential --out r.json        # random weights: speed only
+
+Random weights unless --checkpoint/--engines say otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(pipe, data: Path, max_active: int, max_queue: int):
+    """The server on a free localhost port, in a thread; returns (server, base url, stop)."""
+    import uvicorn
+
+    from nuwaxl.serve import Server, create_app
+
+    server = Server(pipe, data, max_queue=max_queue, max_active=max_active)
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while not web.started:
+        time.sleep(0.01)
+
+    def stop():
+        web.should_exit = True
+        thread.join(timeout=10)
+        server.stop()
+
+    return server, url, stop
+
+
+def client(url: str, request: dict, out: list, start: threading.Barrier) -> None:
+    with httpx.Client(base_url=url, timeout=60) as http:
+        start.wait()
+        t0 = time.perf_counter()
+        answer = http.post("/v1/videos", json=request)
+        answer.raise_for_status()
+        job_id, first = answer.json()["id"], None
+        while True:
+            job = http.get(f"/v1/videos/{job_id}").json()
+            if first is None and job["frames_done"] >= 1:
+                first = time.perf_counter() - t0
+            if job["state"] in ("done", "failed", "cancelled"):
+                break
+            time.sleep(0.01)
+        out.append({"state": job["state"], "ttff_s": first, "done_s": time.perf_counter() - t0,
+                    "frames": job["frames_done"], "error": job["error"]})
+
+
+def row(pipe, clients: int, request: dict, max_active: int) -> dict:
+    with tempfile.TemporaryDirectory() as data:
+        server, url, stop = serve(pipe, Path(data), max_active=max_active, max_queue=max(16, clients))
+        try:
+            results: list[dict] = []
+            start = threading.Barrier(clients)
+            threads = [threading.Thread(target=client, args=(url, dict(request, seed=i), results, start))
+                       for i in range(clients)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            metrics = httpx.get(f"{url}/metrics").text
+        finally:
+            stop()
+    ttff = sorted(r["ttff_s"] for r in results if r["ttff_s"] is not None)
+    jobs_per_step = [line for line in metrics.splitlines() if line.startswith("nuwaxl_step_jobs_")]
+    return {"clients": clients, "max_active": max_active, "wall_s": round(wall, 3),
+            "frames_per_s": round(sum(r["frames"] for r in results) / wall, 2),
+            "ttff_p50_s": round(statistics.median(ttff), 3) if ttff else None,
+            "ttff_p95_s": round(ttff[min(len(ttff) - 1, round(0.95 * (len(ttff) - 1)))], 3) if ttff else None,
+            "states": sorted({r["state"] for r in results}), "errors": [r["error"] for r in results if r["error"]],
+            "merged_step_metrics": jobs_per_step}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None)
+    src.add_argument("--engines", default=None)
+    src.add_argument("--checkpoint", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--torch-mode", default=None)
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--max-active", type=int, default=None, help="default: the row's number of clients")
+    ap.add_argument("--compare-sequential", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    from nuwaxl.runtime.pipeline import Pipeline
+
+    if args.engines:
+        pipe = Pipeline.from_engines(args.engines, device=args.device, torch_mode=args.torch_mode or "aoti")
+    elif args.preset:
+        pipe = Pipeline.from_preset(args.preset, device=args.device, torch_mode=args.torch_mode or "eager")
+    else:
+        pipe = Pipeline.from_pretrained(args.checkpoint, device=args.device, torch_mode=args.torch_mode or "eager")
+    request = {"prompts": ["Fred stands in the stone house"], "num_frames": args.frames,
+               "num_inference_steps": args.steps}
+    row(pipe, 1, request, 1)  # warm-up: CUDA graphs, compilation, allocator
+    rows = []
+    for c in [int(x) for x in args.clients.split(",")]:
+        rows.append({"mode": "batched", **row(pipe, c, request, args.max_active or c)})
+        print(json.dumps(rows[-1]), flush=True)
+        if args.compare_sequential and c > 1:
+            rows.append({"mode": "one at a time", **row(pipe, c, request, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    env = {"device": str(pipe.nets.spec.device), "backend": pipe.nets.spec.backend, "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+           "git_sha": os.environ.get("NUWAXL_GIT_SHA"), "driver": os.environ.get("NUWAXL_DRIVER")}
+    record = {"weights": "random" if args.preset else (args.engines or args.checkpoint or "bundled"),
+              "preset": args.preset, "request": request, "env": env, "rows": rows}
+    Path(args.out).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
