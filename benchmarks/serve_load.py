@@ -76,6 +76,39 @@ def client(url: str, request: dict, out: list, start: threading.Barrier) -> None
                     "frames": job["frames_done"], "error": job["error"]})
 
 
+def direct_row(pipe, clients: int, request: dict, max_active: int) -> dict:
+    """The same requests without HTTP or the job store: threads on one SharedNetworks pipeline (max_active > 1)
+    or one after another, to tell the batching's own cost from the server's."""
+    from nuwaxl.runtime.batching import SharedNetworks
+
+    shared = type(pipe)(SharedNetworks(pipe.nets)) if max_active > 1 else pipe
+    results: list[dict] = []
+    kw = {k: v for k, v in request.items() if k != "prompts"}
+
+    def one(i):
+        t0, first, n = time.perf_counter(), None, 0
+        for _ in shared.iter_frames(request["prompts"], progress=False, **dict(kw, seed=i)):
+            first = first or time.perf_counter() - t0
+            n += 1
+        results.append({"ttff_s": first, "frames": n})
+
+    t0 = time.perf_counter()
+    if max_active > 1:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for i in range(clients):
+            one(i)
+    wall = time.perf_counter() - t0
+    ttff = sorted(r["ttff_s"] for r in results)
+    return {"clients": clients, "max_active": max_active, "wall_s": round(wall, 3),
+            "frames_per_s": round(sum(r["frames"] for r in results) / wall, 2),
+            "ttff_p50_s": round(statistics.median(ttff), 3), "ttff_max_s": round(ttff[-1], 3)}
+
+
 def row(pipe, clients: int, request: dict, max_active: int) -> dict:
     with tempfile.TemporaryDirectory() as data:
         server, url, stop = serve(pipe, Path(data), max_active=max_active, max_queue=max(16, clients))
@@ -116,6 +149,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--max-active", type=int, default=None, help="default: the row's number of clients")
     ap.add_argument("--compare-sequential", action="store_true")
+    ap.add_argument("--direct", action="store_true", help="no HTTP: threads call the pipeline (see direct_row)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -134,10 +168,11 @@ def main() -> None:
     row(pipe, 1, request, 1)  # warm-up: CUDA graphs, compilation, allocator
     rows = []
     for c in [int(x) for x in args.clients.split(",")]:
-        rows.append({"mode": "batched", **row(pipe, c, request, args.max_active or c)})
+        measure = direct_row if args.direct else row
+        rows.append({"mode": "batched", "http": not args.direct, **measure(pipe, c, request, args.max_active or c)})
         print(json.dumps(rows[-1]), flush=True)
         if args.compare_sequential and c > 1:
-            rows.append({"mode": "one at a time", **row(pipe, c, request, 1)})
+            rows.append({"mode": "one at a time", "http": not args.direct, **measure(pipe, c, request, 1)})
             print(json.dumps(rows[-1]), flush=True)
     env = {"device": str(pipe.nets.spec.device), "backend": pipe.nets.spec.backend, "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
