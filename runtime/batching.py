@@ -16,6 +16,7 @@ How many jobs run at once is the server's `max_active`; the rest wait in FIFO or
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -47,9 +48,12 @@ class _Denoiser:
     prepared: dict[str, torch.Tensor]
     closed: bool = False
     rows: int = field(init=False)
+    order: int = field(init=False)  # merged rows are laid out in this order, so an unchanged set of jobs
+    _orders = itertools.count()     # reuses its concatenated prepared tensors from step to step
 
     def __post_init__(self):
         self.rows = next(iter(self.prepared.values())).shape[0]
+        self.order = next(_Denoiser._orders)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.shared._step(self, x_t, t)
@@ -126,7 +130,7 @@ class SharedNetworks:
             while ask.eps is None and ask.error is None:
                 everyone = {a.job for a in self._asks} >= self._active
                 if not self._leading and self._asks and (everyone or time.monotonic() >= deadline):
-                    self._leading, merged, self._asks = True, self._asks, []
+                    self._leading, merged, self._asks = True, sorted(self._asks, key=lambda a: a.job.order), []
                     break
                 self._cv.wait(timeout=max(0.0, deadline - time.monotonic()) or self.wait_s)
             else:
