@@ -2,6 +2,7 @@
 (Speed itself is measured on the GPU machine and recorded in benchmarks/results, never asserted here.)"""
 
 import json
+from pathlib import Path
 
 from benchmarks.report_speed import main as report_main
 from benchmarks.speed import SETS, flops_per_item, run_scenario
@@ -30,3 +31,21 @@ def test_cpu_smoke_scenarios_record_everything(tmp_path, monkeypatch):
     table = (tmp_path / "table.md").read_text()
     row40 = next(line for line in table.splitlines() if line.startswith("| 32 | 40 | eager | 1 |"))
     assert "AR over Diffusion" in table and row40.count(" s (") == 2  # AR and DoD times, with the reduction
+
+
+def test_serve_load_test_smoke(tmp_path):
+    """The serving load test on the tiny preset over real HTTP (uvicorn, httpx): every job done, rows recorded."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "load.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    done = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--device", "cpu",
+                           "--clients", "1,2", "--frames", "8", "--steps", "2", "--compare-sequential", "--out",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["clients"]) for r in rows] == [("batched", 1), ("batched", 2), ("one at a time", 2)]
+    for r in rows:
+        assert r["states"] == ["done"] and not r["errors"] and r["frames_per_s"] > 0
+        assert 0 < r["ttff_p50_s"] <= r["ttff_p95_s"] <= r["wall_s"]
