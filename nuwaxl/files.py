@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -46,14 +47,25 @@ def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+# Signals whose Python handlers raise (Ctrl-C, the CLI's SIGTERM): held back while the temporary file is created,
+# so that one arriving right then is raised inside the block that removes the file, not just before it.
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     remove_stale_partials(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.{os.getpid()}.",
-                               suffix=f".partial{path.suffix}")
-    os.close(fd)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
+                                   prefix=f".{path.name}.{os.getpid()}.", suffix=f".partial{path.suffix}")
+        os.close(fd)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal held back is handled here, inside the try
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)

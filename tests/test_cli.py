@@ -1,5 +1,6 @@
 """`trt-nuwaxl generate` end to end, and every user-facing error it promises."""
 
+import os
 import re
 import signal
 import subprocess
@@ -289,3 +290,33 @@ def test_tree_sheet_shows_each_level(tmp_path):
     assert [level for level, _ in rows] == [1, 2, 3]
     assert rows[0][1] == [0, 225, 450, 675, 900]  # keyframes inside the video
     assert len(rows[2][1]) == 16 and rows[2][1][0] == 1 and rows[2][1][-1] == 1023
+
+
+def test_a_signal_right_after_the_partial_file_is_made_still_removes_it(tmp_path, monkeypatch):
+    """The race the SIGTERM test hit under load: the signal came after the temporary file existed and before the
+    block that removes it. Here the signal is sent from inside mkstemp, right after it made the file."""
+    import tempfile
+
+    from nuwaxl import files
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    real = tempfile.mkstemp
+
+    def mkstemp_then_signal(*args, **kwargs):
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return made
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    try:
+        with pytest.raises(Stop), files.atomic_output(tmp_path / "v.mp4") as tmp:
+            tmp.write_bytes(b"never finished")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
