@@ -46,7 +46,6 @@ class _Denoiser:
 
     shared: SharedNetworks
     prepared: dict[str, torch.Tensor]
-    closed: bool = False
     rows: int = field(init=False)
     order: int = field(init=False)  # merged rows are laid out in this order, so an unchanged set of jobs
     _orders = itertools.count()     # reuses its concatenated prepared tensors from step to step
@@ -61,7 +60,6 @@ class _Denoiser:
     def close(self) -> None:
         """Sampling is over for this batch of calls: nobody waits for its next step."""
         with self.shared._cv:
-            self.closed = True
             self.shared._active.discard(self)
             self.shared._cv.notify_all()
 
@@ -120,11 +118,9 @@ class SharedNetworks:
             job.close()
 
     def _step(self, job: _Denoiser, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cuda = x_t.is_cuda
-        ask = _Ask(job, x_t, t, torch.cuda.current_stream().record_event() if cuda else None)
+        ask = _Ask(job, x_t, t, torch.cuda.current_stream().record_event() if x_t.is_cuda else None)
         with self._cv:
             self._asks.append(ask)
-            self._active.add(job)
             self._cv.notify_all()
             deadline = time.monotonic() + self.wait_s
             while ask.eps is None and ask.error is None:
@@ -162,9 +158,9 @@ class SharedNetworks:
                     stream.wait_event(a.made)
             composition = tuple(a.job for a in merged)  # the jobs themselves: an id could be reused
             if self._bound is None or self._bound[0] != composition:
-                jobs = [a.job for a in merged]
-                fixed = jobs[0].prepared if len(jobs) == 1 else \
-                    {k: torch.cat([j.prepared[k] for j in jobs]) for k in jobs[0].prepared}
+                first = composition[0].prepared
+                fixed = first if len(composition) == 1 else \
+                    {k: torch.cat([j.prepared[k] for j in composition]) for k in first}
                 self._bound = (composition, self.inner._bind("unet_step", fixed))
             x_t = torch.cat([a.x_t for a in merged]) if len(merged) > 1 else merged[0].x_t
             t = torch.cat([a.t for a in merged]) if len(merged) > 1 else merged[0].t
