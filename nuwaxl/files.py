@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import tempfile
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,29 +46,20 @@ def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-# Signals whose Python handlers raise (Ctrl-C, the CLI's SIGTERM): held back while the temporary file is created,
-# so that one arriving right then is raised inside the block that removes the file, not just before it.
-INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
-
-
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     remove_stale_partials(path)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    # The name is chosen before the file exists and the file is made inside the `try`: a Ctrl-C or SIGTERM that
+    # comes right after it was made (Python raises it at the next instruction) still reaches the `finally`. (No other
+    # writer can hold this name: it carries our process id and 64 random bits.)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.partial{path.suffix}"
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
-                                   prefix=f".{path.name}.{os.getpid()}.", suffix=f".partial{path.suffix}")
-        os.close(fd)
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        raise
-    try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal held back is handled here, inside the try
-        yield Path(tmp)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; finished outputs get the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)  # made 0600 above; finished outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
