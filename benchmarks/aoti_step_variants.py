@@ -70,8 +70,9 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path) -> dict:
     return {"variant": name, "compile_s": round(time.perf_counter() - t0, 1)}
 
 
-def time_graph(run, static, iters: int = 20) -> float:
-    """Median milliseconds of one replay of `run(static)` captured as a CUDA graph (on the CPU: of one call)."""
+def time_graph(run, static, iters: int = 20, capture=None) -> float:
+    """Median milliseconds of one replay of `run(static)` captured as a CUDA graph (on the CPU: of one call);
+    `capture`: the engine's own capture (ONNX Runtime's), in place of torch's."""
     from nuwaxl.engine.graphs import capture_run
 
     if DEVICE.type == "cpu":
@@ -82,7 +83,7 @@ def time_graph(run, static, iters: int = 20) -> float:
             times.append(1e3 * (time.perf_counter() - t0))
         return sorted(times)[1]
 
-    replay, _ = capture_run(run, static)
+    replay, _ = capture(static) if capture is not None else capture_run(run, static)
     for _ in range(3):
         replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -197,12 +197,15 @@ def main() -> None:
     ap.add_argument("--engines", default=None,
                     help="an engine directory (trt-nuwaxl build): run the scenarios of its preset and resolution on it")
     ap.add_argument("--steps", type=int, default=None, help="override the scenarios' step count (default 50)")
+    ap.add_argument("--repeats", type=int, default=None, help="override the scenarios' timed repeats")
     ap.add_argument("--only", default=None, help="comma list of scenario names to run")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     scenarios = SETS[args.set]
     if args.steps:
         scenarios = [replace(s, steps=args.steps) for s in scenarios]
+    if args.repeats:
+        scenarios = [replace(s, repeats=args.repeats) for s in scenarios]
     if args.only:
         scenarios = [s for s in scenarios if s.name in args.only.split(",")]
     device = torch.device(init_from_env("cuda" if torch.cuda.is_available() else "cpu"))  # torchrun: one GPU each

@@ -65,7 +65,9 @@ class OrtEngine:
     Runtime's own option (`enable_cuda_graph`, one graph per shape by `gpu_graph_id`, fixed I/O addresses).
     `cuda_graphs` says "on" or why not (ONNX Runtime captures only sessions whose every node runs on the GPU)."""
 
-    def __init__(self, onnx_path: str | Path, spec: IOSpec, device: torch.device, cuda_graphs: bool = True):
+    def __init__(self, onnx_path: str | Path, spec: IOSpec, device: torch.device, cuda_graphs: bool = True,
+                 cuda_options: dict[str, str] | None = None):
+        """`cuda_options`: more CUDA provider options (for example {"prefer_nhwc": "1"})."""
         if ort is None:
             raise UserError("onnxruntime is not installed; pip install onnxruntime (CPU) or onnxruntime-gpu")
         if not Path(onnx_path).is_file():
@@ -84,7 +86,8 @@ class OrtEngine:
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()  # use the CUDA / cuDNN libraries that torch ships (ORT >= 1.21)
             self.stream = torch.cuda.Stream(device)
-            cuda = {"device_id": device.index or 0, "user_compute_stream": str(self.stream.cuda_stream)}
+            cuda = {"device_id": device.index or 0, "user_compute_stream": str(self.stream.cuda_stream),
+                    **(cuda_options or {})}
             attempts = ([{**cuda, "enable_cuda_graph": "1"}] if cuda_graphs else []) + [cuda]
         else:
             attempts = [None]

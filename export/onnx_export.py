@@ -84,8 +84,36 @@ def dynamic_shapes(module: nn.Module, spec: IOSpec, batch) -> tuple:
     return tuple([entry] * len(fixed)) + ((tuple([entry] * rest),) if rest else ())
 
 
-def export_onnx(module: nn.Module, spec: IOSpec, path: Path, sample: dict[str, torch.Tensor]) -> dict:
-    """Export with a dynamic batch axis; returns facts for the manifest."""
+def ort_attention() -> dict:
+    """A translation of `F.scaled_dot_product_attention` to ONNX Runtime's fused `com.microsoft.MultiHeadAttention`
+    (query as (N, S, heads * d_head); keys and values as (N, heads, S_ctx, d_head), a layout that op accepts):
+    for graphs that only ONNX Runtime runs (TensorRT's parser does not know the op)."""
+    import onnxscript
+    from onnx.defs import OpSchema
+    from onnxscript import opset18 as op
+
+    param = OpSchema.FormalParameter
+    schema = OpSchema("MultiHeadAttention", "com.microsoft", 1,
+                      inputs=[param(n, "T") for n in ("query", "key", "value")], outputs=[param("output", "T")],
+                      type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
+                      attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "")])
+    mha = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention", schema)
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None or is_causal or scale is not None:
+            raise NotImplementedError("ort_attention translates unmasked, unscaled attention only")
+        heads, d_head = query.shape[1], query.shape[3]
+        q = op.Reshape(op.Transpose(query, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, heads * d_head]))
+        out = mha(q, key, value, num_heads=heads)
+        return op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, d_head])), perm=[0, 2, 1, 3])
+
+    return {torch.ops.aten.scaled_dot_product_attention.default: sdpa}
+
+
+def export_onnx(module: nn.Module, spec: IOSpec, path: Path, sample: dict[str, torch.Tensor],
+                translations: dict | None = None) -> dict:
+    """Export with a dynamic batch axis; returns facts for the manifest. `translations`: torch.onnx's
+    custom_translation_table (for example `ort_attention()`)."""
     names = [t.name for t in spec.inputs]
     dynamic = spec.batch_max > spec.batch_min
     batch = torch.export.Dim(BATCH, min=spec.batch_min, max=spec.batch_max) if dynamic else None
@@ -96,7 +124,7 @@ def export_onnx(module: nn.Module, spec: IOSpec, path: Path, sample: dict[str, t
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, tuple(sample[n] for n in names), dynamo=True, dynamic_shapes=shapes,
                                     input_names=names, output_names=[t.name for t in spec.outputs],
-                                    opset_version=OPSET, verbose=False)
+                                    opset_version=OPSET, verbose=False, custom_translation_table=translations)
         program.optimize()  # constant folding, dead-code elimination (onnxscript optimizer)
     external = param_bytes > EXTERNAL_DATA_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)

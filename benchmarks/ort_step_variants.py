@@ -1,0 +1,120 @@
+"""Experiment: where ONNX Runtime's `unet_step` loses to AOTInductor, and which export / provider options close it.
+
+Variants: the ONNX graph `build` exports (attention decomposed into MatMul / Softmax), or one whose attention is ONNX
+Runtime's fused `com.microsoft.MultiHeadAttention` (`export.onnx_export.ort_attention`); each with the CUDA
+provider's defaults or with `prefer_nhwc` (NHWC convolutions). Each is timed alone as a CUDA-graph replay (ONNX
+Runtime's own capture, as the runtime runs it), its output compared with the live module's, and profiled per kernel
+(plain runs under torch.profiler, which sees every CUDA kernel of the process, ONNX Runtime's included).
+
+    python benchmarks/ort_step_variants.py --out ort-step-variants.json [--preset paper] [--rows 1,69]
+
+Random weights (seed 0): speed does not depend on weight values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from aoti_step_variants import DEVICE, DTYPE, feeds, models_and_spec, time_graph
+
+# Kernel-name keywords per category, first match wins (cuDNN / cuBLAS / CUTLASS / ONNX Runtime kernel names).
+CATEGORIES = (("attention", ("fmha", "flash", "attention", "Attention", "softmax", "Softmax")),
+              ("norm", ("norm", "Norm")),
+              ("conv", ("conv", "Conv", "fprop", "dgrad", "implicit", "cudnn", "nhwc", "nchw")),
+              ("gemm", ("gemm", "Gemm", "cutlass", "cublas", "xmma", "sm90_")),
+              ("transpose / copy", ("ranspose", "copy", "Copy", "Concat", "Slice", "Gather")),
+              ("elementwise", ("lementwise", "Binary", "Unary", "Sigmoid", "Erf", "Add", "Mul", "Div", "Cast",
+                               "vectorized", "elementwise")))
+
+
+def category(kernel: str) -> str:
+    return next((c for c, words in CATEGORIES if any(w in kernel for w in words)), "other")
+
+
+def kernel_profile(run, x, calls: int = 3) -> dict:
+    """Per-category and top kernels, GPU milliseconds per call, of `calls` plain runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run(x)
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name] += e.device_time / 1e3 / calls
+    per_category = defaultdict(float)
+    for name, ms in per_kernel.items():
+        per_category[category(name)] += ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
+    return {"gpu_ms_per_call": round(sum(per_kernel.values()), 2),
+            "by_category_ms": {k: round(v, 2) for k, v in sorted(per_category.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[name[:140], round(ms, 3)] for name, ms in top], "kernels": len(per_kernel)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--rows", default="1,69", help="batch sizes to time; the largest is the export's max")
+    ap.add_argument("--folder", default="/tmp/ort-step-variants")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    from nuwaxl.engine.onnxruntime_backend import OrtEngine, status
+    from nuwaxl.export.onnx_export import export_onnx, ort_attention
+
+    rows = [int(r) for r in args.rows.split(",")]
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    module, spec, config = models_and_spec(args.preset, max(rows), "nchw")
+    names = [t.name for t in spec.inputs]
+    exports = {}
+    for graph, translations in (("decomposed", None), ("mha", ort_attention())):
+        path = folder / f"unet_step.{graph}.onnx"
+        exports[graph] = export_onnx(module, spec, path, feeds(spec, min(2, max(rows)), config), translations)
+        print(json.dumps({"exported": graph, **exports[graph]}), flush=True)
+    options = {"default": {}, "prefer_nhwc": {"prefer_nhwc": "1"}} if DEVICE.type == "cuda" else {"default": {}}
+
+    results, profiles = [], {}
+    refs = {}
+    for batch in rows:
+        x = feeds(spec, batch, config)
+        with torch.inference_mode():
+            refs[batch] = module(*(x[n] for n in names)).float()
+    for graph in exports:
+        for opt, cuda_options in options.items():
+            variant = f"{graph}+{opt}"
+            t0 = time.perf_counter()
+            engine = OrtEngine(folder / f"unet_step.{graph}.onnx", spec, DEVICE, cuda_options=cuda_options)
+            session_s = round(time.perf_counter() - t0, 1)
+            for batch in rows:
+                x = feeds(spec, batch, config)
+                out = engine.run(x)["eps"].float()
+                ref = refs[batch]
+                err = ((out - ref).norm() / ref.norm()).item()
+                ms = time_graph(engine.run, x, capture=getattr(engine, "capture", None))
+                results.append({"variant": variant, "batch": batch, "median_ms": round(ms, 2),
+                                "rel_err_vs_live": err, "session_s": session_s, "cuda_graphs": engine.cuda_graphs})
+                print(json.dumps(results[-1]), flush=True)
+                if DEVICE.type == "cuda" and batch == max(rows):
+                    profiles[variant] = kernel_profile(engine.run, x)
+                    print(json.dumps({variant: profiles[variant]["by_category_ms"]}), flush=True)
+            del engine
+            torch.cuda.empty_cache()
+    env = {"gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", "torch": torch.__version__,
+           "cuda": torch.version.cuda, "onnxruntime": status().get("version"),
+           "git_sha": os.environ.get("NUWAXL_GIT_SHA"), "driver": os.environ.get("NUWAXL_DRIVER")}
+    record = {"experiment": "ONNX Runtime unet_step variants", "preset": args.preset, "weights": "random (seed 0)",
+              "dtype": str(DTYPE), "env": env, "exports": exports, "results": results, "profiles": profiles}
+    Path(args.out).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
