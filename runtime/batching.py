@@ -2,12 +2,18 @@
 
 A server runs each job in its own thread, all on one `SharedNetworks`. Every network call holds one lock (an
 engine keeps per-shape buffers and CUDA graphs), and `denoiser` steps are merged: a job that asks for eps(x_t, t)
-waits until every other job that is sampling right now has asked too (at most `wait_s`), then one of them runs all
+waits until every other job that is sampling right now has asked too (see below), then one of them runs all
 their rows as one `unet_step` call and hands each job its rows. Rows carry their own timesteps, so jobs at
 different steps, with different step counts, samplers or guidance merge alike; only the engine (frames per call,
 resolution) must be the same, which one `SharedNetworks` guarantees. Each job draws its noise from its own
 generators and applies its own sampler update, so its video does not depend on who it was batched with (up to the
 rounding of batched kernels; tests/test_batching.py).
+
+When to run a merged call: once every sampling job has asked, or, when some have not asked within `wait_s`, as soon
+as the GPU has nothing queued (the last merged call's event has fired). A job that is late because its thread waits
+for the GPU (the executor keeps the host at most two steps ahead) then still joins: running without it would not
+start sooner on a busy GPU, and would split the jobs into groups that take turns (measured on an H200 with 16 jobs:
+7.6 jobs per merged call on average, before this rule).
 
 Fairness: every sampling job advances one step per merged call, so a short job that arrives while a long one runs
 joins the next step instead of waiting for the long one to end (continuous batching, as vLLM does for tokens).
@@ -25,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nuwaxl.engine.base import EngineNetworks
+
+POLL_S = 0.001  # how often a job that waited `wait_s` looks whether the GPU has gone idle
 
 
 @dataclass(eq=False)
@@ -82,6 +90,10 @@ class SharedNetworks:
         self._asks: list[_Ask] = []
         self._leading = False
         self._bound: tuple[tuple, Callable[[dict], dict]] | None = None  # (the jobs merged, their bound step)
+        self._last_done: torch.cuda.Event | None = None  # the last merged call has finished on the GPU
+
+    def _gpu_idle(self) -> bool:
+        return self._last_done is None or self._last_done.query()
 
     def _locked(self, fn, *args):
         with self._lock:
@@ -125,10 +137,12 @@ class SharedNetworks:
             deadline = time.monotonic() + self.wait_s
             while ask.eps is None and ask.error is None:
                 everyone = {a.job for a in self._asks} >= self._active
-                if not self._leading and self._asks and (everyone or time.monotonic() >= deadline):
+                late = time.monotonic() >= deadline
+                if not self._leading and self._asks and (everyone or (late and self._gpu_idle())):
                     self._leading, merged, self._asks = True, sorted(self._asks, key=lambda a: a.job.order), []
                     break
-                self._cv.wait(timeout=max(0.0, deadline - time.monotonic()) or self.wait_s)
+                # past the deadline: look at the GPU again every millisecond
+                self._cv.wait(timeout=POLL_S if late else deadline - time.monotonic())
             else:
                 return self._received(ask)
         try:  # this thread runs everyone's rows
@@ -166,6 +180,7 @@ class SharedNetworks:
             t = torch.cat([a.t for a in merged]) if len(merged) > 1 else merged[0].t
             eps = self._bound[1]({"x_t": x_t, "timesteps": t})["eps"]
             done = stream.record_event() if stream is not None else None
+            self._last_done = done
             start = 0
             for a in merged:
                 a.eps, a.done = eps[start: start + a.job.rows], done

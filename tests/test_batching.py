@@ -4,6 +4,7 @@ as merged model calls, each job's video is the one it gets alone, and a short jo
 import threading
 import time
 
+import torch
 from conftest import STORY, frame_diff
 
 from nuwaxl.runtime.batching import SharedNetworks
@@ -54,3 +55,44 @@ def test_a_short_job_is_not_held_up_by_a_long_one(tiny_pipe):
     shared = Pipeline(SharedNetworks(tiny_pipe.nets))
     _, finished = run_together(shared, {"long": (STORY, long), "short": (STORY, short)}, {"short": 0.3})
     assert finished == ["short", "long"]
+
+
+class _StubNets:
+    """The two calls SharedNetworks makes of an engine, on tiny tensors: prepare (rows of 1) and a bound step."""
+
+    spec = tokenizer = engines = None
+
+    def _run(self, name, feeds):
+        return {"p": torch.ones(feeds["cond"].shape[0])}
+
+    def _bind(self, name, fixed):
+        return lambda feeds: {"eps": 2 * feeds["x_t"] + fixed["p"]}
+
+
+def test_a_late_job_still_joins_the_step_while_the_gpu_is_busy(monkeypatch):
+    """Past `wait_s`, a merged call waits for missing jobs as long as the GPU still has work queued (a job is late
+    because its thread waits for the GPU); once the GPU is idle it runs without them."""
+    shared = SharedNetworks(_StubNets(), wait_s=0.01)
+    merged = []
+    shared.on_merged = lambda rows, jobs: merged.append(jobs)
+    busy_until = time.monotonic() + 0.3
+    monkeypatch.setattr(shared, "_gpu_idle", lambda: time.monotonic() >= busy_until)
+    early, late = (shared.denoiser(None, torch.zeros(1), None) for _ in range(2))
+    out = {}
+
+    def ask(name, job, delay):
+        time.sleep(delay)
+        out[name] = job(torch.full((1,), float(len(name))), torch.zeros(1))
+
+    threads = [threading.Thread(target=ask, args=a) for a in (("e", early, 0.0), ("la", late, 0.1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert merged == [2], merged  # one call for both, though the late job came 10x wait_s after the early one
+    assert out["e"].tolist() == [3.0] and out["la"].tolist() == [5.0]  # each job got its own rows
+    early.close()
+    merged.clear()  # the GPU is idle now: a job alone in a step no longer waits for a job that does not ask
+    t0 = time.monotonic()
+    late(torch.zeros(1), torch.zeros(1))
+    assert merged == [1] and time.monotonic() - t0 < 1.0
