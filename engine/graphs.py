@@ -23,6 +23,11 @@ from nuwaxl.iospec import IOSpec
 
 Replay = Callable[[], None]
 
+# Captures record only the capturing thread's calls: with CUDA's default ("global") mode, another thread's event query
+# or synchronisation during a capture invalidates it. A server runs jobs in several threads (runtime.batching): on an
+# H200, 4 concurrent 1024-frame jobs failed with "operation failed due to a previous error during capture" before.
+CAPTURE_ERROR_MODE = "thread_local"
+
 
 def capture_run(run: Callable[[dict], dict], static: dict[str, torch.Tensor],
                 warmup: int = 2) -> tuple[Replay, dict[str, torch.Tensor]]:
@@ -34,7 +39,7 @@ def capture_run(run: Callable[[dict], dict], static: dict[str, torch.Tensor],
         for _ in range(warmup):  # compilation, autotuning, lazy allocations happen here, not in the graph
             run(static)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
+    with torch.cuda.graph(graph, stream=side, capture_error_mode=CAPTURE_ERROR_MODE):
         out = run(static)
     torch.cuda.current_stream().wait_stream(side)
     return graph.replay, out

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from nuwaxl.dtypes import TORCH_DTYPES
+from nuwaxl.engine.graphs import CAPTURE_ERROR_MODE
 from nuwaxl.errors import UserError
 from nuwaxl.files import write_bytes, write_text
 from nuwaxl.iospec import IOSpec
@@ -259,7 +260,7 @@ class TrtEngine:
         with torch.cuda.stream(stream):
             self._enqueue(ctx, stream)  # lazy initialisation happens outside the graph
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode=CAPTURE_ERROR_MODE):
                 self._enqueue(ctx, stream)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.contexts[("graph", id(graph))] = ctx  # kept alive with the graph

@@ -124,3 +124,29 @@ def test_engine_cuda_graphs_match_plain_engine_runs(tmp_path):
     assert graphed.nets.spec.cuda_graphs == "on" and plain.nets.spec.cuda_graphs.startswith("off")
     worst, mean = frame_diff(graphed(STORY, **kw).frames, plain(STORY, **kw).frames)
     assert worst <= 2 and mean < 0.05, (worst, mean)
+
+
+def test_concurrent_jobs_with_captures_in_flight_all_finish():
+    """Several server jobs at once on a CUDA-graph pipeline: a capture in one thread (a new merged row count) while
+    other threads query events and synchronise must not be invalidated (engine.graphs.CAPTURE_ERROR_MODE)."""
+    import threading
+
+    from nuwaxl.runtime.batching import SharedNetworks
+
+    pipe = Pipeline(SharedNetworks(Pipeline.from_preset("tiny", device="cuda", torch_mode="cudagraph").nets))
+    errors, done = [], []
+
+    def job(i):
+        try:
+            pipe(STORY, **{**KW, "num_frames": 22 + 9 * i, "seed": i})
+            done.append(i)
+        except BaseException as e:  # re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors[0]
+    assert sorted(done) == [0, 1, 2, 3]
