@@ -1,11 +1,11 @@
 """A bounded localhost load test of `trt-nuwaxl serve`: the real HTTP stack (uvicorn in this process, clients over
 TCP), a fixed number of requests per row.
 
-For each concurrency C in --clients: C clients each POST one request at the same moment and poll its status until
-it is done. Measured per row: time to first frame per request as a client sees it (POST -> status says one frame is
-final; polled every 10 ms), its p50 / p95, and aggregate frames/s (all frames / wall time from the first POST to the
-last job done). `--compare-sequential` runs the same C requests with one job at a time (`max_active=1`) too: the
-throughput that cross-request batching adds.
+For each concurrency C in --clients: C clients each POST one request at the same moment and read its frame stream
+(`/v1/videos/ID/events`, no polling) until it ends. Measured per row: time to first frame per request as a client
+sees it (POST -> its first `frame` event), its p50 / p95, and aggregate frames/s (all frames / wall time from the
+first POST to the last job done). `--compare-sequential` runs the same C requests with one job at a time
+(`max_active=1`) too: the throughput that cross-request batching adds.
 
     python benchmarks/serve_load.py --preset tiny --device cpu --clients 1,4 --frames 16 --steps 4 --out r.json
     python benchmarks/serve_load.py --preset paper --device cuda --torch-mode cudagraph --clients 1,4,16 \\
@@ -58,22 +58,34 @@ def serve(pipe, data: Path, max_active: int, max_queue: int):
     return server, url, stop
 
 
+def sse_events(lines):
+    """Server-Sent Events from the lines of a stream: (event, data) pairs, as they arrive."""
+    name = None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            yield name, json.loads(line.removeprefix("data: "))
+
+
 def client(url: str, request: dict, out: list, start: threading.Barrier) -> None:
-    with httpx.Client(base_url=url, timeout=60) as http:
+    """POST one request, then read its frame stream (`/v1/videos/ID/events`): no polling."""
+    with httpx.Client(base_url=url, timeout=None) as http:
         start.wait()
         t0 = time.perf_counter()
         answer = http.post("/v1/videos", json=request)
         answer.raise_for_status()
-        job_id, first = answer.json()["id"], None
-        while True:
-            job = http.get(f"/v1/videos/{job_id}").json()
-            if first is None and job["frames_done"] >= 1:
-                first = time.perf_counter() - t0
-            if job["state"] in ("done", "failed", "cancelled"):
-                break
-            time.sleep(0.01)
-        out.append({"state": job["state"], "ttff_s": first, "done_s": time.perf_counter() - t0,
-                    "frames": job["frames_done"], "error": job["error"]})
+        job_id, first, frames, end = answer.json()["id"], None, 0, {"state": "lost", "error": "stream ended"}
+        with http.stream("GET", f"/v1/videos/{job_id}/events") as events:
+            for name, data in sse_events(events.iter_lines()):
+                if name == "frame":
+                    first = first if first is not None else time.perf_counter() - t0
+                    frames += 1
+                elif name == "end":
+                    end = data
+                    break
+        out.append({"state": end["state"], "ttff_s": first, "done_s": time.perf_counter() - t0,
+                    "frames": frames, "error": end["error"]})
 
 
 def direct_row(pipe, clients: int, request: dict, max_active: int) -> dict:

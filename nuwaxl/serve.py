@@ -4,11 +4,13 @@ The HTTP layer (FastAPI on uvicorn), the job records in SQLite, and `max_active`
 jobs in the order they came and run them at once on one `runtime.batching.SharedNetworks`: the denoising steps of
 all running jobs are merged into one model call per step (continuous batching: a short job joins a long one's steps
 instead of waiting for it to end). A cancelled job stops after its current denoising step. Not built yet: resuming a
-restarted job from its last finished level (it starts again from the beginning), a frame stream for browsers and
-the web page.
+restarted job from its last finished level (it starts again from the beginning).
 
+    GET    /                          a web page: type a story, watch frames arrive, download the mp4
     POST   /v1/videos                 {"prompts": [...], "num_frames": 40, ...} -> 202 {"id": ...}; 422: the reason
     GET    /v1/videos/{id}            state, frames done, timings
+    GET    /v1/videos/{id}/events     Server-Sent Events: `frame` {"index", "url"} per final frame in temporal order,
+                                      then `end` {"state", "error", "video"}; a browser's EventSource reads it
     GET    /v1/videos/{id}/frames/{n}.png   a frame, once final (frames become final in temporal order)
     GET    /v1/videos/{id}.mp4        the video, once done
     DELETE /v1/videos/{id}            cancel
@@ -17,16 +19,18 @@ the web page.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
 import time
 import uuid
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -39,6 +43,7 @@ from nuwaxl.runtime.video import write_mp4
 STATES = ("queued", "running", "done", "failed", "cancelled")
 UNFINISHED = ("queued", "running")
 RETRY_AFTER_S = 5  # what a client told "queue full" waits before asking again
+EVENTS_POLL_S = 0.01  # how often a frame stream looks at its job's progress (in memory: no database query)
 
 
 class VideoRequest(BaseModel):
@@ -109,6 +114,7 @@ class Server:
         self.max_queue = max_queue
         self.queue: list[str] = self.store.unfinished()  # accepted before a restart: run again, in order
         self.cancelled: set[str] = set()
+        self.live: dict[str, tuple[str, int]] = {}  # job -> (state, frames done), for the frame streams
         self.wake = threading.Condition()
         self.stopping = False
         self.registry = CollectorRegistry()
@@ -158,7 +164,7 @@ class Server:
             if job_id in self.queue:
                 self.queue.remove(job_id)
                 self.queue_depth.set(len(self.queue))
-                self.store.update(job_id, state="cancelled", finished=time.time())
+                self._record(job_id, state="cancelled", finished=time.time())
                 self.jobs.labels("cancelled").inc()
             elif job["state"] in UNFINISHED:  # running, or taken by the worker a moment ago
                 self.cancelled.add(job_id)  # the run stops after its current denoising step
@@ -176,6 +182,19 @@ class Server:
                 w.join(timeout=max(0.0, deadline - time.monotonic()))
         if not any(w.is_alive() for w in self.workers):  # else a worker still writes to it; the process exit
             self.store.db.close()  # closes it
+
+    def _record(self, job_id: str, **fields) -> None:
+        """A job's progress: into the database, and into memory for the frame streams."""
+        self.store.update(job_id, **fields)
+        state, done = self.live.get(job_id, ("queued", 0))
+        self.live[job_id] = (fields.get("state", state), fields.get("frames_done", done))
+
+    def progress(self, job_id: str) -> tuple[str, int] | None:
+        """(state, frames done) of a job, from memory when this server ran it, else from the database."""
+        if job_id in self.live:
+            return self.live[job_id]
+        job = self.store.get(job_id)
+        return None if job is None else (job["state"], job["frames_done"])
 
     def frame_path(self, job_id: str, index: int) -> Path:
         return self.data / job_id / f"{index:06d}.png"
@@ -201,7 +220,7 @@ class Server:
     def _run(self, job_id: str) -> None:
         request = VideoRequest.model_validate_json(self.store.get(job_id)["request"])
         started = time.time()
-        self.store.update(job_id, state="running", started=started, frames_done=0, first_frame_s=None, error=None)
+        self._record(job_id, state="running", started=started, frames_done=0, first_frame_s=None, error=None)
         (self.data / job_id).mkdir(exist_ok=True)
         frames = []
         try:
@@ -215,16 +234,16 @@ class Server:
                 if len(frames) == 1:
                     fields["first_frame_s"] = time.time() - started
                     self.first_frame.set(fields["first_frame_s"])
-                self.store.update(job_id, **fields)
+                self._record(job_id, **fields)
             write_mp4(frames, self.video_path(job_id))
-            self.store.update(job_id, state="done", finished=time.time())
+            self._record(job_id, state="done", finished=time.time())
             self.jobs.labels("done").inc()
         except Cancelled:  # after the denoising step in which DELETE came
             self.cancelled.discard(job_id)
-            self.store.update(job_id, state="cancelled", finished=time.time())
+            self._record(job_id, state="cancelled", finished=time.time())
             self.jobs.labels("cancelled").inc()
         except Exception as e:  # this job fails alone, with its reason; the server goes on
-            self.store.update(job_id, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}")
+            self._record(job_id, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}")
             self.jobs.labels("failed").inc()
 
 
@@ -271,6 +290,33 @@ def create_app(server: Server) -> FastAPI:
     @app.delete("/v1/videos/{job_id}")
     def cancel(job_id: str) -> dict:
         return public(server.cancel(job_id))
+
+    @app.get("/v1/videos/{job_id}/events")
+    async def events(job_id: str) -> StreamingResponse:
+        if server.progress(job_id) is None:
+            raise HTTPException(404, f"no job {job_id}")
+
+        async def stream():
+            sent = 0
+            while True:
+                state, done = server.progress(job_id)
+                for index in range(sent, done):
+                    frame = {"index": index, "url": f"/v1/videos/{job_id}/frames/{index}.png"}
+                    yield f"event: frame\ndata: {json.dumps(frame)}\n\n"
+                sent = done
+                if state not in UNFINISHED:
+                    job = server.store.get(job_id)
+                    end = {"state": state, "error": job["error"],
+                           "video": f"/v1/videos/{job_id}.mp4" if state == "done" else None}
+                    yield f"event: end\ndata: {json.dumps(end)}\n\n"
+                    return
+                await asyncio.sleep(EVENTS_POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return (resources.files("nuwaxl") / "assets" / "index.html").read_text()
 
     @app.get("/healthz")
     def healthz() -> dict:

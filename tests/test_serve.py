@@ -13,6 +13,7 @@ from conftest import STORY
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from benchmarks.serve_load import sse_events
 from nuwaxl.errors import Cancelled, UserError
 from nuwaxl.runtime.pipeline import Pipeline
 from nuwaxl.runtime.video import read_mp4
@@ -171,3 +172,27 @@ def test_a_short_job_submitted_after_a_long_one_finishes_first(pipe, tmp_path):
             server.stop()
     assert order == {1: ["long", "short"], 2: ["short", "long"]}
     assert "nuwaxl_step_jobs_bucket" in metrics
+
+
+def test_the_event_stream_gives_every_frame_in_order_then_the_end(pipe, tmp_path):
+    server = Server(pipe, tmp_path)
+    try:
+        client = TestClient(create_app(server))
+        job_id = client.post("/v1/videos", json=REQUEST).json()["id"]
+        with client.stream("GET", f"/v1/videos/{job_id}/events") as answer:
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            events = list(sse_events(answer.iter_lines()))
+        frames = [data for name, data in events if name == "frame"]
+        assert [f["index"] for f in frames] == list(range(40))
+        assert client.get(frames[0]["url"]).status_code == 200  # announced only once the file exists
+        assert events[-1] == ("end", {"state": "done", "error": None, "video": f"/v1/videos/{job_id}.mp4"})
+        assert client.get("/v1/videos/nope/events").status_code == 404
+    finally:
+        server.stop()
+
+
+def test_the_page_is_served(pipe, tmp_path):
+    server = Server(pipe, tmp_path, start=False)
+    page = TestClient(create_app(server)).get("/")
+    assert page.status_code == 200 and "EventSource" in page.text
+    server.stop()
