@@ -3,8 +3,10 @@
 The HTTP layer (FastAPI on uvicorn), the job records in SQLite, and `max_active` worker threads that take accepted
 jobs in the order they came and run them at once on one `runtime.batching.SharedNetworks`: the denoising steps of
 all running jobs are merged into one model call per step (continuous batching: a short job joins a long one's steps
-instead of waiting for it to end). A cancelled job stops after its current denoising step. Not built yet: resuming a
-restarted job from its last finished level (it starts again from the beginning).
+instead of waiting for it to end). A cancelled job stops after its current denoising step. Each level a job finishes
+(but the last) is saved (`DATA/JOB/levelN.safetensors`, the frames' pixels as the pipeline made them) and counted in
+the database: a restarted server resumes the job from its last finished level, and the video is the one an
+uninterrupted run makes (`Pipeline.run(finished=...)`).
 
     GET    /                          a web page: type a story, watch frames arrive, download the mp4
     POST   /v1/videos                 {"prompts": [...], "num_frames": 40, ...} -> 202 {"id": ...}; 422: the reason
@@ -35,8 +37,10 @@ from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
 
 from nuwaxl.errors import Cancelled, UserError
+from nuwaxl.files import atomic_output
 from nuwaxl.runtime.batching import SharedNetworks
 from nuwaxl.runtime.video import write_mp4
 
@@ -73,7 +77,10 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, request TEXT NOT NULL, "
                         "state TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL, "
-                        "frames_done INTEGER NOT NULL DEFAULT 0, first_frame_s REAL, error TEXT)")
+                        "frames_done INTEGER NOT NULL DEFAULT 0, first_frame_s REAL, error TEXT, "
+                        "levels_done INTEGER NOT NULL DEFAULT 0)")
+        if "levels_done" not in {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}:  # an older server's
+            self.db.execute("ALTER TABLE jobs ADD COLUMN levels_done INTEGER NOT NULL DEFAULT 0")
 
     def add(self, job_id: str, request: VideoRequest) -> None:
         with self.lock:
@@ -217,15 +224,35 @@ class Server:
             finally:
                 self.active.dec()
 
+    def level_path(self, job_id: str, level: int) -> Path:
+        return self.data / job_id / f"level{level}.safetensors"
+
+    def _save_level(self, job_id: str, level: int, frames: dict) -> None:
+        """A finished level's frames, then its count in the database (a resumed run starts after it)."""
+        with atomic_output(self.level_path(job_id, level)) as tmp:
+            save_file({str(p): t.detach().cpu().contiguous() for p, t in frames.items()}, str(tmp))
+        self._record(job_id, levels_done=level)
+
+    def _finished_levels(self, job_id: str, levels: int) -> dict:
+        """Frames of the job's levels 1..`levels`, as `_save_level` kept them."""
+        frames = {}
+        for level in range(1, levels + 1):
+            frames.update({int(p): t for p, t in load_file(str(self.level_path(job_id, level))).items()})
+        return frames
+
     def _run(self, job_id: str) -> None:
-        request = VideoRequest.model_validate_json(self.store.get(job_id)["request"])
+        job = self.store.get(job_id)
+        request = VideoRequest.model_validate_json(job["request"])
         started = time.time()
         self._record(job_id, state="running", started=started, frames_done=0, first_frame_s=None, error=None)
         (self.data / job_id).mkdir(exist_ok=True)
         frames = []
         try:
+            finished = self._finished_levels(job_id, job["levels_done"])
             for index, frame in self.pipeline.iter_frames(request.prompts, request.num_frames, progress=False,
                                                           cancel=lambda: job_id in self.cancelled,
+                                                          finished=finished,
+                                                          on_level=lambda lv, fr: self._save_level(job_id, lv, fr),
                                                           **request.pipeline_kwargs()):
                 Image.fromarray(frame).save(self.frame_path(job_id, index))
                 frames.append(frame)
@@ -237,6 +264,8 @@ class Server:
                 self._record(job_id, **fields)
             write_mp4(frames, self.video_path(job_id))
             self._record(job_id, state="done", finished=time.time())
+            for saved in (self.data / job_id).glob("level*.safetensors"):  # no longer needed
+                saved.unlink()
             self.jobs.labels("done").inc()
         except Cancelled:  # after the denoising step in which DELETE came
             self.cancelled.discard(job_id)
@@ -250,7 +279,7 @@ class Server:
 def public(job: dict) -> dict:
     request = json.loads(job["request"])
     return {"id": job["id"], "state": job["state"], "num_frames": request["num_frames"],
-            "frames_done": job["frames_done"], "error": job["error"],
+            "frames_done": job["frames_done"], "levels_done": job["levels_done"], "error": job["error"],
             "timings": {"created": job["created"], "started": job["started"], "finished": job["finished"],
                         "first_frame_s": job["first_frame_s"]}}
 

@@ -23,7 +23,7 @@ from nuwaxl.errors import Cancelled, UserError, option
 from nuwaxl.runtime.distributed import agree_any, all_gather_rows, shard, world
 from nuwaxl.runtime.executor import Decoded, Executor, PromptBank, SamplingOptions, uint8_frames
 from nuwaxl.runtime.planner import Mode, Plan, call_prompts, frame_prompts, plan_ar, plan_dod
-from nuwaxl.runtime.scheduler import Order, Scheduler
+from nuwaxl.runtime.scheduler import Batch, Order, Scheduler
 from nuwaxl.tokenizer import PromptTokenizer, words
 from nuwaxl.weights import WeightsSource
 
@@ -243,12 +243,16 @@ class Pipeline:
 
     def iter_frames(self, prompts: list[str] | str, num_frames: int, progress: bool = True,
                     timings: dict | None = None, cancel: Callable[[], bool] | None = None,
+                    finished: dict[int, torch.Tensor] | None = None,
+                    on_level: Callable[[int, dict[int, torch.Tensor]], None] | None = None,
                     **kwargs) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (frame index, (H, W, 3) uint8) in temporal order, each as soon as it and all before it are final.
 
-        Keyword arguments are those of `prepare`; they are checked before this returns.
+        Keyword arguments are those of `prepare`; they are checked before this returns. `finished`, `on_level`: as
+        `run`'s (resuming a generation from its last finished level).
         """
-        return self.run(self.prepare(prompts, num_frames, **kwargs), progress, timings, cancel=cancel)
+        return self.run(self.prepare(prompts, num_frames, **kwargs), progress, timings, cancel=cancel,
+                        finished=finished, on_level=on_level)
 
     def __call__(self, prompts: list[str] | str, num_frames: int, progress: bool = True, **kwargs) -> VideoOutput:
         request = self.prepare(prompts, num_frames, **kwargs)
@@ -261,9 +265,17 @@ class Pipeline:
         return VideoOutput(out, request.plan, timings)
 
     def run(self, req: Request, progress: bool = True, timings: dict | None = None,
-            profile: bool = False, cancel: Callable[[], bool] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+            profile: bool = False, cancel: Callable[[], bool] | None = None,
+            finished: dict[int, torch.Tensor] | None = None,
+            on_level: Callable[[int, dict[int, torch.Tensor]], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Execute a prepared request, yielding frames in temporal order as they become final. `cancel`: asked
         after every denoising step; when it says True, the run stops there and raises `Cancelled`.
+
+        Resuming: `on_level(level, frames)` is told each level (but the last) once all its calls are final, with
+        the (3, H, W) pixels of the frames it made (on the device); `finished` gives such frames back (those of
+        levels 1..k, as `on_level` gave them): those levels are not run again, and since the next levels are
+        conditioned on the very same pixels and every call draws its noise from its own seed, the video is the
+        one an uninterrupted run makes.
 
         Batches are enqueued step by step (the host stays at most two steps ahead of the GPU); a batch's frames
         are handed out between the next batch's steps as soon as their decode has finished, so decoding overlaps
@@ -287,6 +299,14 @@ class Pipeline:
             slots: dict[int, tuple[Decoded, int, int]] = {}  # position -> (batch, row, slot), until emitted
             emittable: list[int] = []  # final on the GPU, next to hand out, in temporal order
             rank, size = world()
+            for level in self._resume(scheduler, finished or {}):
+                for b, call in enumerate(level.calls):
+                    for slot in call.gen_slots:
+                        pos = call.positions[slot]
+                        frames[pos], producers[pos], slots[pos] = level.pixels[b, slot], level, (level, b, slot)
+                emittable += scheduler.complete(Batch(level.calls[0].level, level.calls))
+                bar.update(len(level.calls) * steps)
+            made: dict[int, dict[int, torch.Tensor]] = {}  # level -> its frames so far (for on_level)
             try:
                 while (batch := scheduler.next_batch()) is not None:
                     bar.set_postfix(level=batch.level, calls=len(batch.calls))
@@ -307,6 +327,8 @@ class Pipeline:
                             pos = call.positions[slot]
                             frames[pos], producers[pos], slots[pos] = done.pixels[b, slot], done, (done, b, slot)
                     emittable += scheduler.complete(batch)
+                    if on_level is not None:
+                        self._report_levels(req.plan, scheduler, done, made, on_level)
                     keep = scheduler.needed_later()
                     for pos in [p for p in frames if p < scheduler.emitted and p not in keep]:
                         del frames[pos], producers[pos]
@@ -315,6 +337,32 @@ class Pipeline:
             finally:
                 bar.close()
                 timings["generate_s"] = time.perf_counter() - t0
+
+    def _resume(self, scheduler: Scheduler, finished: dict[int, torch.Tensor]) -> list[Decoded]:
+        """The levels whose every frame is in `finished`, lowest first and only while unbroken, taken out of the
+        scheduler's work; each as one `Decoded` batch of its calls (condition slots left zero: never read)."""
+        spec, out = self.nets.spec, []
+        for calls in scheduler.plan.levels[:-1]:
+            if not all(c.positions[i] in finished for c in calls for i in c.gen_slots):
+                break
+            pixels = torch.zeros(len(calls), len(calls[0].positions), *next(iter(finished.values())).shape,
+                                 device=spec.device, dtype=spec.dtype)
+            for b, c in enumerate(calls):
+                for i in c.gen_slots:
+                    pixels[b, i] = finished[c.positions[i]].to(spec.device, spec.dtype)
+            scheduler.skip(calls)
+            out.append(Decoded(calls, pixels, None, torch.tensor(True), spec.dtype, uint8_frames(pixels).cpu()))
+        return out
+
+    @staticmethod
+    def _report_levels(plan, scheduler: Scheduler, done: Decoded, made: dict, on_level) -> None:
+        """Collect a finished batch's frames by level; tell `on_level` of each level (but the last) now final."""
+        for b, call in enumerate(done.calls):
+            if call.level < plan.depth:  # the last level is never resumed: not kept
+                made.setdefault(call.level, {}).update({call.positions[i]: done.pixels[b, i] for i in call.gen_slots})
+        for level in sorted(made):
+            if level < plan.depth and scheduler.level_done(level):
+                on_level(level, made.pop(level))
 
     def _drive(self, steps, emittable: list[int], slots: dict, rank: int, cancel: Callable[[], bool] | None):
         """Advance a batch's `submit` generator; after each step, yield the frames that are now on the host."""

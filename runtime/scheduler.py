@@ -85,6 +85,16 @@ class Scheduler:
             self.emitted += 1
         return list(range(start, self.emitted))
 
+    def skip(self, calls: tuple[Call, ...]) -> None:
+        """Take calls whose frames are already known (a resumed run) out of the work; `complete` them next."""
+        for c in calls:
+            self._pending[c.level - 1].remove(c)
+            self._in_flight.add((c.level, c.index))
+
+    def level_done(self, level: int) -> bool:
+        """Every call of `level` has completed."""
+        return not self._pending[level - 1] and not any(lv == level for lv, _ in self._in_flight)
+
     def done(self) -> bool:
         return not self._in_flight and not any(self._pending)
 

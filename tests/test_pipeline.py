@@ -256,3 +256,24 @@ def test_out_of_memory_retries_with_smaller_batches(tiny_pipe, monkeypatch):
         tiny_pipe(STORY, **KW)
     with pytest.raises(UserError, match="memory_budget_gib=0 must be a positive"):
         tiny_pipe.prepare(STORY, 40, memory_budget_gib=0)
+
+
+def test_a_run_resumed_from_its_finished_levels_gives_the_same_video_and_skips_them(tiny_pipe, monkeypatch):
+    kw = dict(num_frames=120, frames_per_call=8, num_inference_steps=3, seed=4, progress=False)
+    levels = {}
+
+    def keep(level, frames):
+        levels[level] = {p: t.clone() for p, t in frames.items()}
+
+    full = np.stack([f for _, f in sorted(tiny_pipe.iter_frames(["a red fox runs"], **kw, on_level=keep))])
+    assert sorted(levels) == [1, 2]  # every level but the last
+    batches = []
+    denoiser = tiny_pipe.nets.denoiser
+    monkeypatch.setattr(tiny_pipe.nets, "denoiser", lambda *a: batches.append(a[0].shape[0]) or denoiser(*a))
+    finished = {**levels[1], **levels[2]}
+    got = dict(tiny_pipe.iter_frames(["a red fox runs"], **kw, finished=finished))
+    assert np.array_equal(np.stack([got[i] for i in range(120)]), full)
+    assert batches == [17]  # only level 3's calls ran
+    finished = {p: torch.zeros_like(t) for p, t in levels[1].items()}  # the given frames are what is used
+    got = dict(tiny_pipe.iter_frames(["a red fox runs"], **kw, finished=finished))
+    assert not np.array_equal(np.stack([got[i] for i in range(120)]), full)

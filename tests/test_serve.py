@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -104,29 +105,72 @@ def test_a_restarted_server_runs_the_jobs_it_had_accepted(pipe, tmp_path):
         second.stop()
 
 
-def test_the_command_serves_http(tmp_path):
-    """`trt-nuwaxl serve` on a real uvicorn server: /healthz answers over a socket."""
+def start_server(data) -> tuple[subprocess.Popen, str]:
+    """`trt-nuwaxl serve` (tiny preset, CPU) in a new process on a free port, once /healthz answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nuwaxl.cli", "serve", "--preset", "tiny", "--device", "cpu",
-                             "--port", str(port), "--data", str(tmp_path)], stderr=subprocess.PIPE, text=True,
+                             "--port", str(port), "--data", str(data)], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url, end = f"http://127.0.0.1:{port}", time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as r:
+                assert r.status == 200 and b'"ok":true' in r.read()
+                return proc, url
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < end, "the server did not answer within 120 s"
+            time.sleep(0.2)
+
+
+def test_the_command_serves_http(tmp_path):
+    """`trt-nuwaxl serve` on a real uvicorn server: /healthz answers over a socket."""
+    proc, _ = start_server(tmp_path)
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert (tmp_path / "jobs.db").is_file()
+
+
+def test_a_killed_server_resumes_its_job_from_the_last_finished_level(pipe, tmp_path):
+    """SIGKILL mid-job, restart on the same data folder: the job ends with the video an uninterrupted run makes,
+    and the restarted server ran only the levels after the last one saved."""
+    import httpx
+
+    request = {"prompts": ["a red fox runs"], "num_frames": 120, "frames_per_call": 8, "num_inference_steps": 20,
+               "seed": 4}
+    proc, url = start_server(tmp_path)
     try:
+        job_id = httpx.post(f"{url}/v1/videos", json=request).json()["id"]
         end = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                    assert r.status == 200 and b'"ok":true' in r.read()
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.time() < end, "the server did not answer within 120 s"
-                time.sleep(0.2)
+        while httpx.get(f"{url}/v1/videos/{job_id}").json()["levels_done"] < 1:
+            assert time.time() < end, "level 1 did not finish within 120 s"
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # no shutdown handler runs
+        proc.wait(timeout=30)
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        state, levels_done = db.execute("SELECT state, levels_done FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    assert state == "running" and levels_done >= 1, (state, levels_done)
+    proc, url = start_server(tmp_path)
+    try:
+        end = time.time() + 180
+        while (job := httpx.get(f"{url}/v1/videos/{job_id}").json())["state"] in ("queued", "running"):
+            assert time.time() < end, "the resumed job did not finish within 180 s"
+            time.sleep(0.1)
+        assert job["state"] == "done", job
+        merged_steps = next(float(line.split()[-1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                            if line.startswith("nuwaxl_step_jobs_count"))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert (tmp_path / "jobs.db").is_file()
+    plan = pipe.prepare(**request).plan
+    assert merged_steps == 20 * (plan.depth - levels_done)  # one batch per level here; finished levels not rerun
+    alone = pipe(progress=False, **request).frames
+    served = np.stack([np.asarray(Image.open(tmp_path / job_id / f"{i:06d}.png")) for i in range(120)])
+    assert np.array_equal(served, alone)
+    assert not list((tmp_path / job_id).glob("level*.safetensors"))  # removed once the video is done
 
 
 def test_cancelling_a_running_job_stops_it_at_the_next_step(pipe, tmp_path):
