@@ -10,6 +10,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from conftest import STORY
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -106,13 +107,15 @@ def test_a_restarted_server_runs_the_jobs_it_had_accepted(pipe, tmp_path):
 
 
 def start_server(data) -> tuple[subprocess.Popen, str]:
-    """`trt-nuwaxl serve` (tiny preset, CPU) in a new process on a free port, once /healthz answers."""
+    """`trt-nuwaxl serve` (tiny preset, CPU) in a new process on a free port, once /healthz answers; as many torch
+    threads as this process (conftest), so its videos match this process's bit for bit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nuwaxl.cli", "serve", "--preset", "tiny", "--device", "cpu",
                              "--port", str(port), "--data", str(data)], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                 "OMP_NUM_THREADS": str(torch.get_num_threads())})
     url, end = f"http://127.0.0.1:{port}", time.time() + 120
     while True:
         try:
