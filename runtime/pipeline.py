@@ -362,6 +362,8 @@ class Pipeline:
                 made.setdefault(call.level, {}).update({call.positions[i]: done.pixels[b, i] for i in call.gen_slots})
         for level in sorted(made):
             if level < plan.depth and scheduler.level_done(level):
+                if done.ready is not None:  # decodes run in order on one stream: this batch's event covers the level's
+                    done.ready.synchronize()
                 on_level(level, made.pop(level))
 
     def _drive(self, steps, emittable: list[int], slots: dict, rank: int, cancel: Callable[[], bool] | None):
