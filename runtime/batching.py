@@ -15,6 +15,9 @@ for the GPU (the executor keeps the host at most two steps ahead) then still joi
 start sooner on a busy GPU, and would split the jobs into groups that take turns (measured on an H200 with 16 jobs:
 7.6 jobs per merged call on average, before this rule).
 
+Out of memory in a merged step: the graphs are dropped and each job's rows run alone, so only a job whose own rows
+do not fit gets the error, and its pipeline halves its batch as it does alone; no job fails for sharing a step.
+
 Fairness: every sampling job advances one step per merged call, so a short job that arrives while a long one runs
 joins the next step instead of waiting for the long one to end (continuous batching, as vLLM does for tokens).
 How many jobs run at once is the server's `max_active`; the rest wait in FIFO order.
@@ -165,6 +168,28 @@ class SharedNetworks:
         return ask.eps
 
     def _run_merged(self, merged: list[_Ask]) -> None:
+        """One call for all `merged` rows. Out of memory with several jobs: their graphs are dropped and each job's
+        rows run alone, so only a job whose own rows do not fit gets the error (its pipeline then halves its batch,
+        as when it runs alone) and no job fails for sharing a step."""
+        try:
+            self._call(merged)
+            return
+        except torch.cuda.OutOfMemoryError:
+            if len(merged) == 1:
+                raise
+        with self._lock:
+            if merged[0].made is not None:  # queued work may still use the graphs' memory pools
+                torch.cuda.synchronize()
+            self._bound = None
+            self.inner.release()
+            torch.cuda.empty_cache()
+        for a in merged:
+            try:
+                self._call([a])
+            except torch.cuda.OutOfMemoryError as e:
+                a.error = e
+
+    def _call(self, merged: list[_Ask]) -> None:
         with self._lock:
             stream = torch.cuda.current_stream() if merged[0].made is not None else None
             for a in merged:

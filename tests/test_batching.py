@@ -3,6 +3,7 @@ as merged model calls, each job's video is the one it gets alone, and a short jo
 
 import threading
 import time
+import warnings
 
 import torch
 from conftest import STORY, frame_diff
@@ -96,3 +97,32 @@ def test_a_late_job_still_joins_the_step_while_the_gpu_is_busy(monkeypatch):
     t0 = time.monotonic()
     late(torch.zeros(1), torch.zeros(1))
     assert merged == [1] and time.monotonic() - t0 < 1.0
+
+
+def test_out_of_memory_in_a_merged_step_fails_no_job(tiny_pipe, monkeypatch):
+    """A merged step that does not fit is rerun job by job; a job whose own rows do not fit halves its batch as
+    when alone. Here at most 3 rows fit: job b's lone call alone would fit, merged with a's 6 calls it does not."""
+    alone_a = tiny_pipe(STORY, **A).frames
+    alone_b = tiny_pipe(["a green bird flies"], **B).frames
+    bind, rows = tiny_pipe.nets._bind, []
+
+    def limited(name, fixed):
+        run = bind(name, fixed)
+
+        def step(feeds):
+            rows.append(feeds["x_t"].shape[0])
+            if feeds["x_t"].shape[0] > 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return run(feeds)
+        return step
+
+    monkeypatch.setattr(tiny_pipe.nets, "_bind", limited)
+    shared = Pipeline(SharedNetworks(tiny_pipe.nets))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pipeline's "retrying with at most N calls" warnings
+        out, finished = run_together(shared, {"a": (STORY, A), "b": (["a green bird flies"], B)}, {})
+    assert sorted(finished) == ["a", "b"]
+    assert max(rows) > 3 and any(r <= 3 for r in rows)  # steps did not fit, and then ran smaller
+    for name, alone in (("a", alone_a), ("b", alone_b)):
+        worst, mean = frame_diff(alone, out[name])
+        assert worst <= 1 and mean < 1e-3, (name, worst, mean)
