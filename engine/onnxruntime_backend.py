@@ -170,27 +170,49 @@ def check_build(device: torch.device, precision: str) -> None:
                         "Runtime")
 
 
+# Networks whose attention this backend's graphs run as ONNX Runtime's fused `com.microsoft.MultiHeadAttention`
+# (export.onnx_export.ort_attention): paper unet_step on an H200, 302.8 -> 286.2 ms per step at 69 rows and 15.4 ->
+# 14.9 ms at one (benchmarks/results/ort-step-variants-h200-8f863e7.json). The other networks were not measured with
+# it, and TensorRT builds keep the standard graph (its parser does not know the op).
+FUSED_ATTENTION = ("unet_step",)
+
+
 def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     """The ONNX stage (registry protocol): export with a dynamic batch, then the parity gate on ONNX Runtime
     (CUDA where the build runs on a GPU and onnxruntime-gpu is installed). Reused when its cache key matches."""
+    return onnx_stage(job, name, module, reference, spec, fused_attention=name in FUSED_ATTENTION)
+
+
+def onnx_stage(job, name: str, module, reference, spec: IOSpec, fused_attention: bool) -> dict:
+    """Export (`fused_attention`: attention as ONNX Runtime's contrib op, for graphs only it runs), parity gate,
+    manifest; reused when its cache key matches."""
     from nuwaxl.engine.stage import cached, check_parity, parity_text, stage_key
-    from nuwaxl.export.onnx_export import OPSET, export_onnx, library_versions, onnx_sha256, write_manifest
+    from nuwaxl.export.onnx_export import (
+        OPSET,
+        export_onnx,
+        library_versions,
+        onnx_sha256,
+        ort_attention,
+        write_manifest,
+    )
 
     onnx_path, man_path = job.out / "onnx" / f"{name}.onnx", job.out / "onnx" / f"{name}.json"
+    attention = "com.microsoft.MultiHeadAttention" if fused_attention else "onnx"
     key = stage_key(checkpoint=job.weights_id, spec=spec.to_dict(), precision=job.precision, opset=OPSET,
+                    attention=attention,
                     torch=torch.__version__, parity=job.parity[name])
     old = cached(man_path, key, job.force)
     if old and onnx_path.is_file() and onnx_sha256(onnx_path) == old["onnx_sha256"]:
         job.log(f"{name}: ONNX reused (same checkpoint, spec and precision)")
         return {"onnx": f"onnx/{name}.onnx", "onnx_sha256": old["onnx_sha256"]}
     sample = job.sample(spec, min(2, spec.batch_max), next(module.parameters()).dtype)
-    facts = export_onnx(module, spec, onnx_path, sample)
+    facts = export_onnx(module, spec, onnx_path, sample, ort_attention() if fused_attention else None)
     dev = job.device if (job.device.type == "cuda" and status().get("cuda")) else torch.device("cpu")
     engine = OrtEngine(onnx_path, spec, dev)
     result = job.measure_parity(name, engine.run, reference.to(dev), spec, dev, f"onnxruntime-{dev.type}")
     reference.to(job.device)
     sha = onnx_sha256(onnx_path)
-    write_manifest(man_path, {"network": name, "stage_key": key, "onnx_sha256": sha,
+    write_manifest(man_path, {"network": name, "stage_key": key, "onnx_sha256": sha, "attention": attention,
                               "source_checkpoint_sha256": job.weights_id, "precision": job.precision,
                               "io_spec": spec.to_dict(), **facts, "versions": library_versions(),
                               "parity": {**result, "runtime": f"onnxruntime {status().get('version')} on {dev.type}"}})

@@ -281,7 +281,7 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     """The ONNX stage, then a plan from that ONNX (registry protocol)."""
     from nuwaxl.engine import onnxruntime_backend
 
-    record = onnxruntime_backend.build_network(job, name, module, reference, spec)
+    record = onnxruntime_backend.onnx_stage(job, name, module, reference, spec, fused_attention=False)
     rec = build_plan(job.out / "onnx" / f"{name}.onnx", record["onnx_sha256"], spec, job.precision,
                      job.out / "tensorrt" / f"{name}.plan", job.opt_level,
                      list(job.targets) if job.targets else None, job.out / "tensorrt" / "timing.cache", job.force)

@@ -70,6 +70,23 @@ def test_onnx_export_and_parity_for_each_network(which, request):
             assert dims == list(t.shape), (name, dims, t.shape)
 
 
+def test_onnxruntime_graphs_fuse_attention_where_measured_and_tensorrt_graphs_never(ort_dir, trt_dir):
+    """ONNX Runtime's unet_step runs its attention as the fused contrib op (and passed parity above); TensorRT's
+    parser does not know that op, so its ONNX keeps standard attention."""
+    from nuwaxl.engine.onnxruntime_backend import FUSED_ATTENTION
+
+    def ops(d, name):
+        return {n.op_type for n in onnx.load(str(d / "onnx" / f"{name}.onnx"), load_external_data=False).graph.node}
+
+    for name in NETWORKS:
+        fused = "MultiHeadAttention" in ops(ort_dir, name)
+        assert fused == (name in FUSED_ATTENTION), name
+        assert json.loads((ort_dir / "onnx" / f"{name}.json").read_text())["attention"] == \
+            ("com.microsoft.MultiHeadAttention" if fused else "onnx")
+        assert "MultiHeadAttention" not in ops(trt_dir, name)
+    assert "Softmax" in ops(trt_dir, "unet_step")
+
+
 def test_parity_numbers_are_fp32_tight_and_fp16_loose(ort_dir, trt_dir):
     fp32 = json.loads((ort_dir / "onnx" / "unet_step.json").read_text())["parity"]["worst_rel_err"]
     fp16 = json.loads((trt_dir / "onnx" / "unet_step.json").read_text())["parity"]["worst_rel_err"]
