@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from nuwaxl.config import LARGE_VIDEO_FRAMES
+from nuwaxl.config import LARGE_VIDEO_FRAMES, SAMPLERS
 from nuwaxl.engine.registry import BACKENDS, ENGINE_TORCH_MODES
 from nuwaxl.errors import UserError, speaking_to_cli
 from nuwaxl.iospec import ELEMENT_TYPES, ENGINE_PRECISIONS
@@ -103,7 +103,8 @@ def add_generate(sub) -> None:
                    help="dod: diffusion over diffusion; ar: autoregressive baseline (FDM*)")
     p.add_argument("--ar-context", type=positive_int, default=1, help="AR: frames carried into the next window")
     p.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddim; ddpm (ancestral); dpmpp-2m (DPM-Solver++(2M): fewer steps for the same quality)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off "
                    "(default: what the weights recommend: 3 for the bundled ones, 1 for random weights)")
     p.add_argument("--seed", type=int, default=0)

@@ -9,10 +9,14 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from nuwaxl.errors import UserError, option
 
+# Reverse-process samplers (nuwaxl.diffusion): DDIM, DDPM ancestral (Eq. 16), DPM-Solver++(2M). The CLI's choices
+# and the request check read SAMPLERS.
+SamplerName = Literal["ddim", "ddpm", "dpmpp-2m"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 MIN_FRAMES_PER_CALL = 3  # local diffusion keeps a first and a last frame and generates at least one between
 # Longer videos need `allow_large` (CLI: --yes or a confirmation): one full depth-3 tree of L=16, the length of
 # the paper's training videos. A million frames would otherwise start a depth-6 plan of 66,667 calls unasked.

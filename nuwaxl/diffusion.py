@@ -1,4 +1,4 @@
-"""DDPM forward process (Eq. 3-4) and batched reverse-step functions (DDPM ancestral, Eq. 16; DDIM).
+"""DDPM forward process (Eq. 3-4) and batched reverse-step functions (DDPM ancestral, Eq. 16; DDIM; DPM-Solver++(2M)).
 
 Samplers see only a denoiser `eps = denoise(x_t, t)` and a noise source; schedules are plain numbers.
 Each step is a pure function of (x_t, eps, t, s, noise), so many independent diffusion calls step together in
@@ -10,14 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-from nuwaxl.config import DiffusionConfig
-
-SamplerName = Literal["ddim", "ddpm"]
+from nuwaxl.config import SAMPLERS, DiffusionConfig, SamplerName
 
 
 @dataclass(frozen=True)
@@ -40,12 +37,27 @@ class NoiseSchedule:
     def alpha_bar(self, t: int) -> float:
         return 1.0 if t < 0 else self.alphas_cumprod[t]  # t = -1 is the clean sample
 
-    def timesteps(self, num_steps: int) -> list[int]:
-        """`num_steps` descending training timesteps, evenly spaced, ending at 0; all T of them gives Eq. 16."""
+    def timesteps(self, num_steps: int, spacing: str = "linear") -> list[int]:
+        """`num_steps` distinct descending training timesteps from T-1 to 0; all T of them gives Eq. 16.
+        "linear": evenly spaced in t. "logsnr": evenly spaced in lambda = log(alpha / sigma), where multistep
+        solvers' steps are equal (DPM-Solver's recommendation; with even t, the last step alone spans most of lambda
+        at 10 steps), rounded to distinct integers."""
         t = self.num_train_timesteps
         if not 1 <= num_steps <= t:
             raise ValueError(f"num_inference_steps={num_steps} must be between 1 and {t}")
-        return [int(round(x)) for x in np.linspace(t - 1, 0, num_steps)]
+        if spacing == "linear":
+            return [int(round(x)) for x in np.linspace(t - 1, 0, num_steps)]
+        if spacing != "logsnr":
+            raise ValueError(f"unknown timestep spacing {spacing!r}; use 'linear' or 'logsnr'")
+        ab = np.array(self.alphas_cumprod)
+        lam = 0.5 * np.log(ab / (1.0 - ab))  # increasing as t falls
+        steps = [int(np.argmin(np.abs(lam - x))) for x in np.linspace(lam[-1], lam[0], num_steps)]
+        steps[-1], steps[0] = 0, t - 1  # one step: T-1, as "linear"
+        for i in range(num_steps - 2, -1, -1):  # distinct: nudge collisions apart, keeping T-1 .. 0
+            steps[i] = max(steps[i], steps[i + 1] + 1)
+        for i in range(1, num_steps):
+            steps[i] = min(steps[i], steps[i - 1] - 1)
+        return steps
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I) (Eq. 4 with the standard deviation written correctly)."""
@@ -82,6 +94,28 @@ def ddim_step(sched: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int
     return x_s
 
 
+SPACING = {"ddim": "linear", "ddpm": "linear", "dpmpp-2m": "logsnr"}  # each sampler's timesteps
+
+
+def dpmpp_2m_step(sched: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, s: int,
+                  prev: tuple[torch.Tensor, float] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, float]]:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, deterministic: the step t -> s uses this step's
+    x0 estimate and the previous one's (`prev`: (x0, h) of the step before, None at the first). First order (DDIM)
+    at the first step and at the last (s = -1, where lambda is infinite). Returns x_s and this step's (x0, h)."""
+    ab_t, ab_s = sched.alpha_bar(t), sched.alpha_bar(s)
+    alpha_t, sigma_t = math.sqrt(ab_t), math.sqrt(1.0 - ab_t)
+    x0 = (x_t - sigma_t * eps) / alpha_t
+    if s < 0:
+        return x0, (x0, math.inf)
+    alpha_s, sigma_s = math.sqrt(ab_s), math.sqrt(1.0 - ab_s)
+    h = math.log(alpha_s / sigma_s) - math.log(alpha_t / sigma_t)  # lambda_s - lambda_t > 0
+    d = x0
+    if prev is not None:
+        r = prev[1] / h
+        d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * prev[0]
+    return (sigma_s / sigma_t) * x_t - alpha_s * math.expm1(-h) * d, (x0, h)
+
+
 def needs_noise(sampler: SamplerName, eta: float = 0.0) -> bool:
     return sampler == "ddpm" or eta > 0
 
@@ -109,8 +143,8 @@ def sample_steps(denoise: Callable[[torch.Tensor, int], torch.Tensor], x_T: torc
                  on_step: Callable[[int], None] | None = None) -> Generator[int, None, torch.Tensor]:
     """`sample` one step at a time: yields each step's index once it is issued, returns x_0 (the caller can do
     other work between steps, such as handing out frames that are ready)."""
-    timesteps = sched.timesteps(num_steps)
-    x = x_T
+    timesteps = sched.timesteps(num_steps, SPACING[sampler] if sampler in SPACING else "linear")
+    x, history = x_T, None  # history: the multistep sampler's previous (x0, h)
     for i, t in enumerate(timesteps):
         s = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         eps = denoise(x, t)
@@ -119,8 +153,10 @@ def sample_steps(denoise: Callable[[torch.Tensor, int], torch.Tensor], x_T: torc
             x = ddpm_step(sched, x, eps, t, s, z)
         elif sampler == "ddim":
             x = ddim_step(sched, x, eps, t, s, z, eta)
+        elif sampler == "dpmpp-2m":
+            x, history = dpmpp_2m_step(sched, x, eps, t, s, history)
         else:
-            raise ValueError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'")
+            raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
         if on_step is not None:
             on_step(i)
         yield i

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nuwaxl.config import LARGE_VIDEO_FRAMES, ModelConfig, TrainingRecord, check_guidance_scale
+from nuwaxl.config import LARGE_VIDEO_FRAMES, SAMPLERS, ModelConfig, TrainingRecord, check_guidance_scale
 from nuwaxl.diffusion import NoiseSchedule
 from nuwaxl.engine import torch_backend
 from nuwaxl.engine.base import EngineNetworks
@@ -92,8 +92,8 @@ def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_
     steps_max = config.diffusion.num_train_timesteps
     if not 1 <= num_inference_steps <= steps_max:
         raise UserError(f"{option('num_inference_steps', num_inference_steps)} must be between 1 and {steps_max}")
-    if sampler not in ("ddim", "ddpm"):
-        raise UserError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'")
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     check_guidance_scale(guidance_scale)
     if not (isinstance(eta, (int, float)) and 0.0 <= eta < math.inf):
         raise UserError(f"{option('eta', eta)} must be a finite number >= 0")

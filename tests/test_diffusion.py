@@ -85,3 +85,27 @@ def test_add_noise_matches_forward_process():
     for i, ti in enumerate(t.tolist()):
         ab = SCHED.alpha_bar(ti)
         assert torch.allclose(out[i], torch.full((2,), math.sqrt(ab) + 2 * math.sqrt(1 - ab)))
+
+
+def test_dpmpp_2m_is_second_order_and_beats_ddim_at_few_steps():
+    """DPM-Solver++(2M) solves the probability-flow ODE, whose exact solution for Gaussian data maps x_T's quantile
+    to x_0's: against it the error falls about as 1/steps^2 (on log-SNR-uniform steps) and at 10 steps is a small
+    fraction of DDIM's."""
+    g = torch.Generator().manual_seed(0)
+    x_T, ab = exact_prior(2000, g), SCHED.alpha_bar(SCHED.num_train_timesteps - 1)
+    exact = MU + SIGMA * (x_T - math.sqrt(ab) * MU) / math.sqrt(ab * SIGMA**2 + 1 - ab)
+
+    def err(sampler, steps):
+        return (run(sampler, steps, n=2000) - exact).abs().max().item()
+
+    assert err("dpmpp-2m", 10) < 0.1 * err("ddim", 10)
+    assert err("dpmpp-2m", 20) < 0.35 * err("dpmpp-2m", 10)  # second order: about a quarter per doubling
+    x0 = run("dpmpp-2m", 15)
+    assert abs(x0.mean().item() - MU) < 0.01 and abs(x0.std().item() - SIGMA) < 0.01
+
+
+def test_logsnr_timesteps_are_distinct_and_span_the_schedule():
+    for n in (1, 2, 3, 10, 50, 500, 1000):
+        ts = SCHED.timesteps(n, "logsnr")
+        assert len(set(ts)) == n and ts == sorted(ts, reverse=True) and ts[0] == 999 and (n == 1 or ts[-1] == 0)
+    assert SCHED.timesteps(1000, "logsnr") == SCHED.timesteps(1000)

@@ -11,7 +11,7 @@ from nuwaxl.runtime.pipeline import to_uint8
 from nuwaxl.runtime.planner import call_prompts, frame_prompts, plan_dod
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp-2m"])
 def test_batched_generation_equals_call_by_call(tiny_pipe, sampler):
     """Per-call generators make the video independent of batching. Tolerance: one uint8 level, because batched
     and single convolutions round differently (about 1e-6) and a value can cross a quantisation boundary."""
