@@ -389,7 +389,8 @@ def add_eval(sub) -> None:
     p.add_argument("--mode", choices=("dod", "ar"), default="dod")
     p.add_argument("--depth", type=positive_int, default=None)
     p.add_argument("--stories", type=positive_int, default=4, help="held-out stories generated")
-    p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (as generate)")
+    p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (as generate)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off "
                    "(default: what the weights recommend)")
     p.add_argument("--seed", type=int, default=0)
@@ -411,7 +412,7 @@ def cmd_eval(args) -> None:
     note_random_weights(card, doing="evaluating")
     pipe = Pipeline.from_source(source, device=args.device)
     scores = evaluate_generation(pipe, args.frames, args.mode, args.depth, args.stories, args.steps, args.seed, probe,
-                                 guidance_scale=args.guidance)
+                                 guidance_scale=args.guidance, sampler=args.sampler)
     scores["weights"] = card.source + ("" if card.trained_on.trained else " (random weights)")
     text = json.dumps(scores, indent=1)
     if args.out:

@@ -226,7 +226,7 @@ def heldout_stories(count: int, num_frames: int, resolution: int, seed: int = 10
 
 def evaluate_generation(pipe, num_frames: int, mode: str = "dod", depth: int | None = None, stories: int = 4,
                         steps: int = 25, seed: int = 0, probe: FrameProbe | None = None,
-                        progress: bool = True, guidance_scale: float | None = None) -> dict:
+                        progress: bool = True, guidance_scale: float | None = None, sampler: str = "ddim") -> dict:
     """Generate `stories` held-out stories (their per-frame captions as prompts) with a pipeline and score them
     against the real renderings of the same stories (guidance: default, what the weights recommend)."""
     if guidance_scale is None:
@@ -236,13 +236,13 @@ def evaluate_generation(pipe, num_frames: int, mode: str = "dod", depth: int | N
     for story in tqdm(heldout_stories(stories, num_frames, res), desc=f"{mode} {num_frames}f", disable=not progress):
         caps = [story.caption(i) for i in range(num_frames)]
         out = pipe(caps, num_frames=num_frames, mode=mode, depth=depth, num_inference_steps=steps,
-                   seed=seed + story.index, guidance_scale=guidance_scale, progress=False)
+                   seed=seed + story.index, guidance_scale=guidance_scale, sampler=sampler, progress=False)
         videos.append(out.frames)
         prompts.append(caps)
         refs.append(story.clip(range(num_frames)))
     result = evaluate_videos(videos, prompts, refs, probe)
-    result.update({"mode": mode, "num_frames": num_frames, "depth": depth, "steps": steps, "seed": seed,
-                   "guidance_scale": guidance_scale})
+    result.update({"mode": mode, "num_frames": num_frames, "depth": depth, "steps": steps, "sampler": sampler,
+                   "seed": seed, "guidance_scale": guidance_scale})
     return result
 
 
