@@ -199,8 +199,7 @@ def onnx_stage(job, name: str, module, reference, spec: IOSpec, fused_attention:
     onnx_path, man_path = job.out / "onnx" / f"{name}.onnx", job.out / "onnx" / f"{name}.json"
     attention = "com.microsoft.MultiHeadAttention" if fused_attention else "onnx"
     key = stage_key(checkpoint=job.weights_id, spec=spec.to_dict(), precision=job.precision, opset=OPSET,
-                    attention=attention,
-                    torch=torch.__version__, parity=job.parity[name])
+                    attention=attention, torch=torch.__version__, parity=job.parity[name])
     old = cached(man_path, key, job.force)
     if old and onnx_path.is_file() and onnx_sha256(onnx_path) == old["onnx_sha256"]:
         job.log(f"{name}: ONNX reused (same checkpoint, spec and precision)")

@@ -15,8 +15,10 @@ for the GPU (the executor keeps the host at most two steps ahead) then still joi
 start sooner on a busy GPU, and would split the jobs into groups that take turns (measured on an H200 with 16 jobs:
 7.6 jobs per merged call on average, before this rule).
 
-Out of memory in a merged step: the graphs are dropped and each job's rows run alone, so only a job whose own rows
-do not fit gets the error, and its pipeline halves its batch as it does alone; no job fails for sharing a step.
+Out of memory in a merged step: the graphs are dropped, merged calls from then on hold fewer rows than the one that
+failed, and the step runs again in smaller groups of jobs, so only a job whose own rows do not fit gets the error,
+and its pipeline halves its batch as it does alone; no job fails for sharing a step. (The limit stays for the life of
+the process: later steps do not run out of memory again and again.)
 
 Fairness: every sampling job advances one step per merged call, so a short job that arrives while a long one runs
 joins the next step instead of waiting for the long one to end (continuous batching, as vLLM does for tokens).
@@ -94,6 +96,7 @@ class SharedNetworks:
         self._leading = False
         self._bound: tuple[tuple, Callable[[dict], dict]] | None = None  # (the jobs merged, their bound step)
         self._last_done: torch.cuda.Event | None = None  # the last merged call has finished on the GPU
+        self._row_limit: int | None = None  # most rows per merged call, once one ran out of memory (never raised)
 
     def _gpu_idle(self) -> bool:
         return self._last_done is None or self._last_done.query()
@@ -168,26 +171,35 @@ class SharedNetworks:
         return ask.eps
 
     def _run_merged(self, merged: list[_Ask]) -> None:
-        """One call for all `merged` rows. Out of memory with several jobs: their graphs are dropped and each job's
-        rows run alone, so only a job whose own rows do not fit gets the error (its pipeline then halves its batch,
-        as when it runs alone) and no job fails for sharing a step."""
-        try:
-            self._call(merged)
-            return
-        except torch.cuda.OutOfMemoryError:
-            if len(merged) == 1:
-                raise
-        with self._lock:
-            if merged[0].made is not None:  # queued work may still use the graphs' memory pools
-                torch.cuda.synchronize()
-            self._bound = None
-            self.inner.release()
-            torch.cuda.empty_cache()
-        for a in merged:
+        """All `merged` rows in as few calls as the row limit allows (one, until a merged call ran out of memory).
+        A call of several jobs that runs out of memory lowers the limit below its rows, drops the graphs and runs
+        again in smaller groups, so only a job whose own rows do not fit gets the error (its pipeline then halves
+        its batch, as when it runs alone) and no job fails for sharing a step."""
+        for group in self._groups(merged):
             try:
-                self._call([a])
+                self._call(group)
             except torch.cuda.OutOfMemoryError as e:
-                a.error = e
+                if len(group) == 1:
+                    group[0].error = e
+                    continue
+                self._row_limit = sum(a.job.rows for a in group) - 1
+                with self._lock:
+                    if group[0].made is not None:  # queued work may still use the graphs' memory pools
+                        torch.cuda.synchronize()
+                    self._bound = None
+                    self.inner.release()
+                    torch.cuda.empty_cache()
+                self._run_merged(group)  # the limit only falls: this ends
+
+    def _groups(self, merged: list[_Ask]) -> list[list[_Ask]]:
+        """Consecutive jobs whose rows fit under the row limit (a job with more rows alone in its group)."""
+        groups: list[list[_Ask]] = []
+        for a in merged:
+            if groups and sum(b.job.rows for b in groups[-1]) + a.job.rows <= (self._row_limit or float("inf")):
+                groups[-1].append(a)
+            else:
+                groups.append([a])
+        return groups
 
     def _call(self, merged: list[_Ask]) -> None:
         with self._lock:

@@ -123,6 +123,7 @@ def test_out_of_memory_in_a_merged_step_fails_no_job(tiny_pipe, monkeypatch):
         out, finished = run_together(shared, {"a": (STORY, A), "b": (["a green bird flies"], B)}, {})
     assert sorted(finished) == ["a", "b"]
     assert max(rows) > 3 and any(r <= 3 for r in rows)  # steps did not fit, and then ran smaller
+    assert sum(r > 3 for r in rows) <= 5  # the limit learnt from a failure holds: no out-of-memory at every step
     for name, alone in (("a", alone_a), ("b", alone_b)):
         worst, mean = frame_diff(alone, out[name])
         assert worst <= 1 and mean < 1e-3, (name, worst, mean)
