@@ -186,7 +186,7 @@ def run_scenario(pipe: Pipeline, s: Scenario, per_item: dict[str, float], peak_t
             "peak_mem_gib": max((r["peak_mem_gib"] or 0) for r in runs) or None,
             "flops_counted": flops, "achieved_tflops": flops / wall / 1e12 if flops else None,
             "utilization": flops / wall / (peak_tflops * 1e12 * world()[1]) if flops and peak_tflops else None,
-            "stage_profile_s": stage_profile(pipe, s) if s.mode == "dod" else None}
+            "stage_profile_s": stage_profile(pipe, s)}
 
 
 def main() -> None:
