@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import queue
 import sqlite3
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -48,6 +51,10 @@ STATES = ("queued", "running", "done", "failed", "cancelled")
 UNFINISHED = ("queued", "running")
 RETRY_AFTER_S = 5  # what a client told "queue full" waits before asking again
 EVENTS_POLL_S = 0.01  # how often a frame stream looks at its job's progress (in memory: no database query)
+# A job's progress goes to the database at most this often (and when it ends); streams and status read it from memory.
+# Per frame, a commit cost 0.4 ms of the 5.2 s a 1024-frame job spent on its frames (128 px, our 2-core machine).
+PROGRESS_DB_S = 0.5
+PNG_WRITERS = min(4, os.cpu_count() or 1)  # threads that encode frames (Pillow releases the GIL while it compresses)
 
 
 class VideoRequest(BaseModel):
@@ -106,6 +113,71 @@ class JobStore:
                                                   UNFINISHED)]
 
 
+class FrameOutput:
+    """Where a running job's frames go, off the thread that drives the GPU: PNG files (`PNG_WRITERS` threads shared
+    by all jobs) and the mp4 (encoded as frames arrive, in its own thread). A frame is announced (`on_written`,
+    in temporal order) once its file exists. Measured with frames handed over at once (1024 frames, 128 px, our
+    2-core machine): the job thread spent 5.2 s writing them itself (PNG 1.9 s, H.264 2.7 s, database 0.4 s)."""
+
+    _END, _ABORT = object(), object()
+
+    def __init__(self, pool: ThreadPoolExecutor, frame_path, video_path: Path, on_written):
+        self.pool, self.frame_path, self.on_written = pool, frame_path, on_written
+        self.lock = threading.Lock()
+        self.written: set[int] = set()
+        self.announced = 0
+        self.pending: list[Future] = []
+        self.frames: queue.Queue = queue.Queue()
+        self.mp4_error: BaseException | None = None
+        self.mp4 = threading.Thread(target=self._encode, args=(video_path,), daemon=True)
+        self.mp4.start()
+
+    def _stream(self):
+        while (frame := self.frames.get()) is not self._END:
+            if frame is self._ABORT:
+                raise Cancelled("the job ended without its video")  # atomic_output leaves no file
+            yield frame
+
+    def _encode(self, path: Path) -> None:
+        try:
+            write_mp4(self._stream(), path)
+        except BaseException as e:  # noqa: BLE001 - reported by finish()
+            self.mp4_error = e
+
+    def put(self, index: int, frame) -> None:
+        """Frames come in temporal order."""
+        self.frames.put(frame)
+        self.pending.append(self.pool.submit(self._write, index, frame))
+
+    def _write(self, index: int, frame) -> None:
+        Image.fromarray(frame).save(self.frame_path(index), compress_level=1)
+        with self.lock:
+            self.written.add(index)
+            before = self.announced
+            while self.announced in self.written:
+                self.written.discard(self.announced)
+                self.announced += 1
+            if self.announced > before:
+                self.on_written(self.announced)
+
+    def finish(self) -> None:
+        """Wait for every file; raise the first write error."""
+        self.frames.put(self._END)
+        for f in self.pending:
+            f.result()
+        self.mp4.join()
+        if self.mp4_error is not None:
+            raise self.mp4_error
+
+    def abort(self) -> None:
+        """The job ends without its video: frames not yet written are dropped, the partial mp4 is not kept."""
+        self.frames.put(self._ABORT)
+        for f in self.pending:
+            f.cancel()
+        wait([f for f in self.pending if not f.cancelled()])
+        self.mp4.join()
+
+
 class Server:
     """The pipeline (its networks shared by the workers, steps merged), the job store, the queue and the workers."""
 
@@ -122,6 +194,7 @@ class Server:
         self.queue: list[str] = self.store.unfinished()  # accepted before a restart: run again, in order
         self.cancelled: set[str] = set()
         self.live: dict[str, tuple[str, int]] = {}  # job -> (state, frames done), for the frame streams
+        self.png_pool = ThreadPoolExecutor(PNG_WRITERS, thread_name_prefix="nuwaxl-png")
         self.wake = threading.Condition()
         self.stopping = False
         self.registry = CollectorRegistry()
@@ -246,40 +319,55 @@ class Server:
         started = time.time()
         self._record(job_id, state="running", started=started, frames_done=0, first_frame_s=None, error=None)
         (self.data / job_id).mkdir(exist_ok=True)
-        frames = []
+        saved = {"at": 0.0}
+
+        def written(count: int) -> None:  # PNG threads, in order: `count` frames are on disk
+            fields = {"frames_done": count}
+            if count == 1:
+                fields["first_frame_s"] = time.time() - started
+                self.first_frame.set(fields["first_frame_s"])
+            if count == 1 or time.monotonic() - saved["at"] >= PROGRESS_DB_S:
+                saved["at"] = time.monotonic()
+                self._record(job_id, **fields)
+            else:
+                self.live[job_id] = (self.live.get(job_id, ("running", 0))[0], count)
+
+        output = FrameOutput(self.png_pool, lambda i: self.frame_path(job_id, i), self.video_path(job_id), written)
         try:
             finished = self._finished_levels(job_id, job["levels_done"])
+            count = 0
             for index, frame in self.pipeline.iter_frames(request.prompts, request.num_frames, progress=False,
                                                           cancel=lambda: job_id in self.cancelled,
                                                           finished=finished,
                                                           on_level=lambda lv, fr: self._save_level(job_id, lv, fr),
                                                           **request.pipeline_kwargs()):
-                Image.fromarray(frame).save(self.frame_path(job_id, index))
-                frames.append(frame)
+                output.put(index, frame)
                 self.frames.inc()
-                fields = {"frames_done": len(frames)}
-                if len(frames) == 1:
-                    fields["first_frame_s"] = time.time() - started
-                    self.first_frame.set(fields["first_frame_s"])
-                self._record(job_id, **fields)
-            write_mp4(frames, self.video_path(job_id))
-            self._record(job_id, state="done", finished=time.time())
-            for saved in (self.data / job_id).glob("level*.safetensors"):  # no longer needed
-                saved.unlink()
+                count += 1
+            output.finish()
+            self._record(job_id, state="done", finished=time.time(), frames_done=count)
+            for saved_level in (self.data / job_id).glob("level*.safetensors"):  # no longer needed
+                saved_level.unlink()
             self.jobs.labels("done").inc()
         except Cancelled:  # after the denoising step in which DELETE came
+            output.abort()
             self.cancelled.discard(job_id)
-            self._record(job_id, state="cancelled", finished=time.time())
+            self._record(job_id, state="cancelled", finished=time.time(), frames_done=output.announced)
             self.jobs.labels("cancelled").inc()
         except Exception as e:  # this job fails alone, with its reason; the server goes on
-            self._record(job_id, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}")
+            output.abort()
+            self._record(job_id, state="failed", finished=time.time(), frames_done=output.announced,
+                         error=f"{type(e).__name__}: {e}")
             self.jobs.labels("failed").inc()
 
 
-def public(job: dict) -> dict:
+def public(job: dict, progress: tuple[str, int] | None = None) -> dict:
+    """A job as the API shows it; `progress`: (state, frames done) from memory (the database lags by up to
+    `PROGRESS_DB_S`)."""
     request = json.loads(job["request"])
-    return {"id": job["id"], "state": job["state"], "num_frames": request["num_frames"],
-            "frames_done": job["frames_done"], "levels_done": job["levels_done"], "error": job["error"],
+    state, frames_done = progress or (job["state"], job["frames_done"])
+    return {"id": job["id"], "state": state, "num_frames": request["num_frames"],
+            "frames_done": frames_done, "levels_done": job["levels_done"], "error": job["error"],
             "timings": {"created": job["created"], "started": job["started"], "finished": job["finished"],
                         "first_frame_s": job["first_frame_s"]}}
 
@@ -305,15 +393,15 @@ def create_app(server: Server) -> FastAPI:
         job = server.store.get(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
-        return public(job)
+        return public(job, server.progress(job_id))
 
     @app.get("/v1/videos/{job_id}/frames/{index}.png")
     def frame(job_id: str, index: int):
-        job = server.store.get(job_id)
-        if job is None:
+        progress = server.progress(job_id)
+        if progress is None:
             raise HTTPException(404, f"no job {job_id}")
-        if not 0 <= index < job["frames_done"]:
-            raise HTTPException(404, f"frame {index} of job {job_id} is not final yet ({job['frames_done']} are)")
+        if not 0 <= index < progress[1]:
+            raise HTTPException(404, f"frame {index} of job {job_id} is not final yet ({progress[1]} are)")
         return FileResponse(server.frame_path(job_id, index), media_type="image/png")
 
     @app.delete("/v1/videos/{job_id}")

@@ -19,6 +19,11 @@ from nuwaxl.errors import UserError
 from nuwaxl.files import atomic_output
 from nuwaxl.runtime.planner import Plan
 
+# libx264's speed/size trade-off. Measured on 1024 frames at 128 px (our 2-core machine, crf 18): rendered frames
+# medium 0.55 s / 149 KiB, veryfast 0.40 s / 158 KiB; the same with noise (what random weights make) 2.28 s / 6.6 MiB
+# against 0.87 s / 5.9 MiB. The server encodes while a user waits for the end of the video.
+X264_PRESET = "veryfast"
+
 
 def check_writable(path: str | os.PathLike, suffix: str, flag: str = "the output path") -> Path:
     """Fail before any generation work if the output cannot be written; `flag` names the option that set it."""
@@ -38,7 +43,8 @@ def check_writable(path: str | os.PathLike, suffix: str, flag: str = "the output
     return path
 
 
-def write_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: int = 8, crf: int = 18) -> int:
+def write_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: int = 8, crf: int = 18,
+              preset: str = X264_PRESET) -> int:
     """Encode (H, W, 3) uint8 frames as H.264 in yuv420p; returns the number of frames written.
 
     `frames` may be a generator (e.g. Pipeline.iter_frames), so encoding overlaps generation.
@@ -52,7 +58,7 @@ def write_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: int = 
                     h, w = frame.shape[:2]
                     stream = container.add_stream("libx264", rate=Fraction(fps))
                     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                    stream.options = {"crf": str(crf)}
+                    stream.options = {"crf": str(crf), "preset": preset}
                 for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                     container.mux(packet)
                 count += 1

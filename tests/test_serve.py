@@ -243,3 +243,48 @@ def test_the_page_is_served(pipe, tmp_path):
     page = TestClient(create_app(server)).get("/")
     assert page.status_code == 200 and "EventSource" in page.text
     server.stop()
+
+
+def test_frames_are_written_off_the_job_thread_and_announced_in_order_once_on_disk(tmp_path):
+    """FrameOutput: PNG threads finish out of order (frame 0 is the slowest), yet a frame is announced only when it
+    and every earlier one exist; `finish` waits for all of them and the mp4."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nuwaxl.serve import FrameOutput
+
+    announced = []
+
+    def path(i):
+        if i == 0:
+            time.sleep(0.3)
+        return tmp_path / f"{i}.png"
+
+    def on_written(count):
+        assert all((tmp_path / f"{i}.png").exists() for i in range(count))
+        announced.append(count)
+
+    frames = [np.full((16, 16, 3), 10 * i, np.uint8) for i in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        out = FrameOutput(pool, path, tmp_path / "v.mp4", on_written)
+        t0 = time.perf_counter()
+        for i, f in enumerate(frames):
+            out.put(i, f)
+        handed_over = time.perf_counter() - t0
+        out.finish()
+    assert handed_over < 0.2  # the slow write did not hold up the caller
+    assert announced == [12]  # frames 1-11 waited for frame 0, then came out together
+    assert read_mp4(tmp_path / "v.mp4").shape[0] == 12
+
+
+def test_an_aborted_frame_output_leaves_no_video(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nuwaxl.serve import FrameOutput
+
+    with ThreadPoolExecutor(2) as pool:
+        out = FrameOutput(pool, lambda i: tmp_path / f"{i}.png", tmp_path / "v.mp4", lambda count: None)
+        for i in range(3):
+            out.put(i, np.zeros((16, 16, 3), np.uint8))
+        out.abort()
+    assert not (tmp_path / "v.mp4").exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".mp4" or "partial" in p.name]
