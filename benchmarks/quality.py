@@ -50,7 +50,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              + " / ".join(f"{100 * q:.0f}%" for q in r["character_recall_by_quarter"]) + " | "
              + " / ".join(f"{q:.0f}" for q in r["avg_fd_by_quarter"]) + " |" for r in rows]
     return (f"# Quality against length, bundled `small` weights, held-out stories\n\n{meta['device']}, torch "
-            f"{meta['torch']}, git {meta['git']}, {meta['steps']} DDIM steps. Lower FD is better. Metrics: "
+            f"{meta['torch']}, git {meta['git']}, {meta['steps']} {meta['sampler']} steps. Lower FD is better. "
+            "Metrics: "
             "`train/evaluate.py`. REAL and VAE rows: the probe on the stories' real frames and on their T-KLVAE "
             "reconstructions (references for generation).\n\n" + head + "\n".join(lines) + "\n")
 
@@ -59,7 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--md", default=None)
-    ap.add_argument("--steps", type=int, default=25, help="DDIM steps (generate's default)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: what the weights recommend)")
+    ap.add_argument("--sampler", default=None, help="default: what the weights recommend")
     ap.add_argument("--device", default=None)
     ap.add_argument("--frames-budget", type=int, default=4096)
     ap.add_argument("--min-stories", type=int, default=4)
@@ -74,9 +76,12 @@ def main() -> None:
     pipe = Pipeline.from_pretrained(checkpoint, device=args.device, torch_mode=args.torch_mode)
     probe = load_probe()
     dev = pipe.nets.spec.device
+    args.steps = args.steps or pipe.nets.spec.sampling.num_inference_steps
+    args.sampler = args.sampler or pipe.nets.spec.sampling.sampler
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "git": os.environ.get("NUWAXL_GIT_SHA", "unknown"), "steps": args.steps,
-            "torch_mode": args.torch_mode, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+            "sampler": args.sampler, "torch_mode": args.torch_mode, "checkpoint": str(checkpoint),
+            "checkpoint_sha256": sha256_file(checkpoint),
             "recommended_guidance": pipe.nets.spec.sampling.guidance_scale}
     rows = []
     scales = ([float(x) for x in args.guidance.split(",")] if args.guidance
@@ -90,7 +95,7 @@ def main() -> None:
             rows.append(evaluate_reference(pipe, n, stories, mode == "vae", probe))
         else:
             rows.append(evaluate_generation(pipe, n, mode, depth, stories, args.steps, probe=probe, progress=False,
-                                            guidance_scale=guidance))
+                                            guidance_scale=guidance, sampler=args.sampler))
         rows[-1]["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "w") as f:  # after every row: a cut-off run keeps what it measured

@@ -102,9 +102,11 @@ def add_generate(sub) -> None:
     p.add_argument("--mode", choices=("dod", "ar"), default="dod",
                    help="dod: diffusion over diffusion; ar: autoregressive baseline (FDM*)")
     p.add_argument("--ar-context", type=positive_int, default=1, help="AR: frames carried into the next window")
-    p.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddim; ddpm (ancestral); dpmpp-2m (DPM-Solver++(2M): fewer steps for the same quality)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="denoising steps (default: what the weights recommend: 15 for the bundled ones, 25 otherwise)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddim; ddpm (ancestral); dpmpp-2m (DPM-Solver++(2M): fewer steps for the same quality) "
+                        "(default: what the weights recommend: dpmpp-2m for the bundled ones, ddim otherwise)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off "
                    "(default: what the weights recommend: 3 for the bundled ones, 1 for random weights)")
     p.add_argument("--seed", type=int, default=0)
@@ -155,10 +157,12 @@ def cmd_generate(args) -> None:
         config = config.with_resolution(args.resolution)
     # Everything about the request is checked before any weights are built or loaded.
     large = None
-    kw = dict(num_inference_steps=args.steps, seed=args.seed, mode=args.mode,
-              frames_per_call=card.frames_per_call or args.frames_per_call, depth=args.depth,
-              guidance_scale=card.sampling.guidance_scale if args.guidance is None else args.guidance,
-              sampler=args.sampler, ar_context=args.ar_context, max_batch=args.max_batch, order=args.order,
+    recommended = card.sampling
+    kw = dict(num_inference_steps=recommended.num_inference_steps if args.steps is None else args.steps,
+              seed=args.seed, mode=args.mode, frames_per_call=card.frames_per_call or args.frames_per_call,
+              depth=args.depth, guidance_scale=recommended.guidance_scale if args.guidance is None else args.guidance,
+              sampler=recommended.sampler if args.sampler is None else args.sampler, ar_context=args.ar_context,
+              max_batch=args.max_batch, order=args.order,
               memory_budget_gib=args.memory_budget, allow_large=args.yes,
               tokenizer=PromptTokenizer(card.tokenizer_json, config.text.max_length), trained_on=card.trained_on)
     try:
@@ -178,7 +182,8 @@ def cmd_generate(args) -> None:
             pass
         return
     print(f"{args.frames} frames, mode {plan.mode}, L={plan.frames_per_call}, depth {plan.depth}, "
-          f"calls per level {[len(level) for level in plan.levels]}, {args.steps} {args.sampler} steps, "
+          f"calls per level {[len(level) for level in plan.levels]}, "
+          f"{request.options.num_inference_steps} {request.options.sampler} steps, "
           f"guidance {request.options.guidance_scale:g}, "
           f"{pipe.nets.spec.backend} on {pipe.nets.spec.device} {str(pipe.nets.spec.dtype).removeprefix('torch.')}",
           file=sys.stderr)
@@ -389,8 +394,9 @@ def add_eval(sub) -> None:
     p.add_argument("--mode", choices=("dod", "ar"), default="dod")
     p.add_argument("--depth", type=positive_int, default=None)
     p.add_argument("--stories", type=positive_int, default=4, help="held-out stories generated")
-    p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (as generate)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="denoising steps (default: what the weights recommend, as generate)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="(default: what the weights recommend)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off "
                    "(default: what the weights recommend)")
     p.add_argument("--seed", type=int, default=0)

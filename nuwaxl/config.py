@@ -127,9 +127,16 @@ class SamplingDefaults:
     they change no shapes and no engine."""
 
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
+    num_inference_steps: int = 25
+    sampler: SamplerName = "ddim"
 
     def __post_init__(self) -> None:
         check_guidance_scale(self.guidance_scale)
+        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) \
+                or self.num_inference_steps < 1:
+            raise UserError(f"recommended num_inference_steps {self.num_inference_steps!r} must be a whole number >= 1")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"recommended sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -42,6 +42,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
+from nuwaxl.config import SamplerName
 from nuwaxl.errors import Cancelled, UserError
 from nuwaxl.files import atomic_output
 from nuwaxl.runtime.batching import SharedNetworks
@@ -62,7 +63,8 @@ class VideoRequest(BaseModel):
 
     prompts: list[str] = Field(min_length=1, description="one prompt per keyframe, or one for the whole video")
     num_frames: int = 40
-    num_inference_steps: int | None = None
+    num_inference_steps: int | None = None  # None: what the weights recommend (as sampler and guidance_scale)
+    sampler: SamplerName | None = None
     seed: int = 0
     guidance_scale: float | None = None
     frames_per_call: int | None = None

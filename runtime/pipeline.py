@@ -14,7 +14,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nuwaxl.config import LARGE_VIDEO_FRAMES, SAMPLERS, ModelConfig, TrainingRecord, check_guidance_scale
+from nuwaxl.config import (
+    LARGE_VIDEO_FRAMES,
+    SAMPLERS,
+    ModelConfig,
+    SamplingDefaults,
+    TrainingRecord,
+    check_guidance_scale,
+)
 from nuwaxl.diffusion import NoiseSchedule
 from nuwaxl.engine import torch_backend
 from nuwaxl.engine.base import EngineNetworks
@@ -73,9 +80,11 @@ def plan(num_frames: int, frames_per_call: int, mode: Mode = "dod", depth: int |
     raise UserError(f"unknown mode {mode!r}; use 'dod' (diffusion over diffusion) or 'ar' (autoregressive)")
 
 
-def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int, num_inference_steps: int = 25,
+def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int,
+            num_inference_steps: int = SamplingDefaults.num_inference_steps,
             seed: int = 0, mode: Mode = "dod", frames_per_call: int | None = None, depth: int | None = None,
-            guidance_scale: float = 1.0, sampler: str = "ddim", eta: float = 0.0, ar_context: int = 1,
+            guidance_scale: float = SamplingDefaults.guidance_scale, sampler: str = SamplingDefaults.sampler,
+            eta: float = 0.0, ar_context: int = 1,
             max_batch: int | None = None, vae_batch: int = 4, order: Order = "level",
             memory_budget_gib: float | None = None, allow_large: bool = False,
             tokenizer: PromptTokenizer | None = None, trained_on: TrainingRecord | None = None) -> Request:
@@ -215,8 +224,10 @@ class Pipeline:
                 raise UserError(f"these engines were built for L={fixed} frames per call, not {asked}; "
                                 f"omit frames_per_call or rebuild with -L {asked}")
             kwargs["frames_per_call"] = fixed
-        if kwargs.get("guidance_scale") is None:  # the weights' recommendation (1 = off for random weights)
-            kwargs["guidance_scale"] = self.nets.spec.sampling.guidance_scale
+        recommended = self.nets.spec.sampling.to_dict()  # what the weights recommend (random weights: the defaults)
+        for name, value in recommended.items():
+            if kwargs.get(name) is None:
+                kwargs[name] = value
         return prepare(self.config, prompts, num_frames, tokenizer=self.nets.tokenizer,
                        trained_on=self.nets.spec.trained_on, **kwargs)
 

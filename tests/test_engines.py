@@ -207,13 +207,16 @@ def test_engine_dir_batches_larger_than_built_are_split(ort_dir):
 def test_engine_directory_carries_the_sampling_defaults(ort_dir, tmp_path):
     from nuwaxl.runtime.pipeline import Pipeline
 
-    assert read_manifest(ort_dir)["sampling"] == {"guidance_scale": 1.0}  # random weights: no guidance
+    # random weights: no guidance, the generic steps and sampler
+    assert read_manifest(ort_dir)["sampling"] == {"guidance_scale": 1.0, "num_inference_steps": 25, "sampler": "ddim"}
     tuned = tmp_path / "tuned"
     shutil.copytree(ort_dir, tuned)
     m = read_manifest(tuned)
-    (tuned / "engines.json").write_text(json.dumps({**m, "sampling": {"guidance_scale": 2.5}}))
-    pipe = Pipeline.from_engines(tuned, device="cpu")
-    assert pipe.prepare(["a cat"], num_frames=16).options.guidance_scale == 2.5
+    (tuned / "engines.json").write_text(json.dumps({**m, "sampling": {"guidance_scale": 2.5, "sampler": "dpmpp-2m"}}))
+    options = Pipeline.from_engines(tuned, device="cpu").prepare(["a cat"], num_frames=16).options
+    assert (options.guidance_scale, options.sampler, options.num_inference_steps) == (2.5, "dpmpp-2m", 25)
+    (tuned / "engines.json").write_text(json.dumps({**m, "sampling": {"guidance_scale": 2.5}}))  # an older build's
+    assert Pipeline.from_engines(tuned, device="cpu").prepare(["a cat"], num_frames=16).options.guidance_scale == 2.5
     (tuned / "engines.json").write_text(json.dumps({**m, "sampling": {"guidance": 2.5}}))
     with pytest.raises(UserError, match=r"unknown sampling defaults \['guidance'\]"):
         load_engines(tuned, device="cpu")

@@ -90,6 +90,27 @@ def test_guidance_defaults_to_what_the_checkpoint_recommends(tmp_path):
     assert pipe.prepare(STORY, guidance_scale=1.0, **kw).options.guidance_scale == 1.0
 
 
+def test_steps_and_sampler_default_to_what_the_checkpoint_recommends(tmp_path):
+    from nuwaxl.config import preset
+    from nuwaxl.errors import UserError
+    from nuwaxl.models.checkpoint import NuwaModels, save_checkpoint, with_sampling
+    from nuwaxl.runtime.pipeline import Pipeline
+
+    plain = save_checkpoint(NuwaModels.random(preset("tiny")), tmp_path / "plain.safetensors")
+    tuned = with_sampling(plain, tmp_path / "tuned.safetensors", num_inference_steps=7, sampler="dpmpp-2m")
+    kw = dict(num_frames=16, frames_per_call=8)
+    options = Pipeline.from_pretrained(plain, device="cpu").prepare(STORY, **kw).options
+    assert (options.num_inference_steps, options.sampler) == (25, "ddim")
+    pipe = Pipeline.from_pretrained(tuned, device="cpu")
+    options = pipe.prepare(STORY, **kw).options
+    assert (options.num_inference_steps, options.sampler) == (7, "dpmpp-2m")
+    options = pipe.prepare(STORY, num_inference_steps=3, sampler="ddim", **kw).options
+    assert (options.num_inference_steps, options.sampler) == (3, "ddim")
+    for bad in ({"num_inference_steps": 0}, {"sampler": "euler"}):
+        with pytest.raises(UserError, match="recommended"):
+            with_sampling(plain, tmp_path / "bad.safetensors", **bad)
+
+
 def test_guidance_runs_as_one_batched_call(tiny_pipe):
     calls = []
     denoiser = tiny_pipe.nets.denoiser

@@ -225,12 +225,14 @@ def heldout_stories(count: int, num_frames: int, resolution: int, seed: int = 10
 
 
 def evaluate_generation(pipe, num_frames: int, mode: str = "dod", depth: int | None = None, stories: int = 4,
-                        steps: int = 25, seed: int = 0, probe: FrameProbe | None = None,
-                        progress: bool = True, guidance_scale: float | None = None, sampler: str = "ddim") -> dict:
+                        steps: int | None = None, seed: int = 0, probe: FrameProbe | None = None,
+                        progress: bool = True, guidance_scale: float | None = None, sampler: str | None = None) -> dict:
     """Generate `stories` held-out stories (their per-frame captions as prompts) with a pipeline and score them
-    against the real renderings of the same stories (guidance: default, what the weights recommend)."""
-    if guidance_scale is None:
-        guidance_scale = pipe.nets.spec.sampling.guidance_scale
+    against the real renderings of the same stories (steps, sampler, guidance: None = what the weights recommend)."""
+    recommended = pipe.nets.spec.sampling
+    guidance_scale = recommended.guidance_scale if guidance_scale is None else guidance_scale
+    steps = recommended.num_inference_steps if steps is None else steps
+    sampler = recommended.sampler if sampler is None else sampler
     res = pipe.config.resolution
     videos, prompts, refs = [], [], []
     for story in tqdm(heldout_stories(stories, num_frames, res), desc=f"{mode} {num_frames}f", disable=not progress):
