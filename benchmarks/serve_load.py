@@ -139,7 +139,8 @@ def row(pipe, clients: int, request: dict, max_active: int) -> dict:
         finally:
             stop()
     ttff = sorted(r["ttff_s"] for r in results if r["ttff_s"] is not None)
-    jobs_per_step = [line for line in metrics.splitlines() if line.startswith("nuwaxl_step_jobs_")]
+    step_metrics = ("nuwaxl_step_jobs_", "nuwaxl_step_period_seconds_", "nuwaxl_step_gpu_seconds_")
+    jobs_per_step = [line for line in metrics.splitlines() if line.startswith(step_metrics) and "_created" not in line]
     return {"clients": clients, "max_active": max_active, "wall_s": round(wall, 3),
             "frames_per_s": round(sum(r["frames"] for r in results) / wall, 2),
             "ttff_p50_s": round(statistics.median(ttff), 3) if ttff else None,

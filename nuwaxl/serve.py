@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from nuwaxl.config import SamplerName
 from nuwaxl.errors import Cancelled, UserError
 from nuwaxl.files import atomic_output
-from nuwaxl.runtime.batching import SharedNetworks
+from nuwaxl.runtime.batching import MergedCall, SharedNetworks
 from nuwaxl.runtime.video import write_mp4
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -210,6 +210,11 @@ class Server:
                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.step_jobs = Histogram("nuwaxl_step_jobs", "jobs per merged denoising step", buckets=(1, 2, 4, 8, 16),
                                    registry=self.registry)
+        step_buckets = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+        self.step_period = Histogram("nuwaxl_step_period_seconds", "time from one merged denoising step's start to "
+                                     "the next one's", buckets=step_buckets, registry=self.registry)
+        self.step_gpu = Histogram("nuwaxl_step_gpu_seconds", "GPU time of a merged denoising step",
+                                  buckets=step_buckets, registry=self.registry)
         self.queue_depth.set(len(self.queue))
         self.pipeline = type(pipeline)(SharedNetworks(pipeline.nets, on_merged=self._merged))
         self.workers = [threading.Thread(target=self._work, name=f"nuwaxl-worker-{i}", daemon=True)
@@ -218,9 +223,13 @@ class Server:
             for w in self.workers:
                 w.start()
 
-    def _merged(self, rows: int, jobs: int) -> None:
-        self.step_rows.observe(rows)
-        self.step_jobs.observe(jobs)
+    def _merged(self, call: MergedCall) -> None:
+        self.step_rows.observe(call.rows)
+        self.step_jobs.observe(call.jobs)
+        if call.since_last_s is not None:
+            self.step_period.observe(call.since_last_s)
+        if call.previous_gpu_s is not None:
+            self.step_gpu.observe(call.previous_gpu_s)
 
     def submit(self, request: VideoRequest) -> str:
         with self.wake:

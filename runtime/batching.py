@@ -40,6 +40,16 @@ from nuwaxl.engine.base import EngineNetworks
 POLL_S = 0.001  # how often a job that waited `wait_s` looks whether the GPU has gone idle
 
 
+@dataclass(frozen=True)
+class MergedCall:
+    """What `SharedNetworks` tells `on_merged` of each merged call (the server's metrics)."""
+
+    rows: int
+    jobs: int
+    since_last_s: float | None  # from the previous merged call's start to this one's: the step period under load
+    previous_gpu_s: float | None  # the previous merged call's GPU time, if it has finished by now (CUDA only)
+
+
 @dataclass(eq=False)
 class _Ask:
     """One job's step: its rows, and (once the merged call ran) its eps."""
@@ -79,10 +89,11 @@ class _Denoiser:
 
 class SharedNetworks:
     """`EngineNetworks` for several threads at once, with their denoising steps merged (module docstring).
-    `on_merged(rows, jobs)` is told the size of every merged call (for metrics)."""
+    `on_merged(MergedCall)` is told of every merged call (for metrics): its size, the time since the previous one
+    started and that one's GPU time, so that a step period well above the GPU time shows host-side overhead."""
 
     def __init__(self, nets: EngineNetworks, wait_s: float = 0.05,
-                 on_merged: Callable[[int, int], None] | None = None):
+                 on_merged: Callable[[MergedCall], None] | None = None):
         self.inner = nets
         self.spec = nets.spec
         self.tokenizer = nets.tokenizer
@@ -97,6 +108,8 @@ class SharedNetworks:
         self._bound: tuple[tuple, Callable[[dict], dict]] | None = None  # (the jobs merged, their bound step)
         self._last_done: torch.cuda.Event | None = None  # the last merged call has finished on the GPU
         self._row_limit: int | None = None  # most rows per merged call, once one ran out of memory (never raised)
+        self._last_start: float | None = None  # perf_counter at the previous merged call's start
+        self._last_gpu: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # its start and end on the GPU
 
     def _gpu_idle(self) -> bool:
         return self._last_done is None or self._last_done.query()
@@ -203,10 +216,18 @@ class SharedNetworks:
 
     def _call(self, merged: list[_Ask]) -> None:
         with self._lock:
+            now, previous_gpu = time.perf_counter(), None
+            since_last = None if self._last_start is None else now - self._last_start
+            if self._last_gpu is not None and self._last_gpu[1].query():
+                previous_gpu = self._last_gpu[0].elapsed_time(self._last_gpu[1]) / 1e3
+            self._last_start = now
             stream = torch.cuda.current_stream() if merged[0].made is not None else None
             for a in merged:
                 if stream is not None:
                     stream.wait_event(a.made)
+            began = torch.cuda.Event(enable_timing=True) if stream is not None else None
+            if began is not None:
+                began.record(stream)
             composition = tuple(a.job for a in merged)  # the jobs themselves: an id could be reused
             if self._bound is None or self._bound[0] != composition:
                 first = composition[0].prepared
@@ -216,11 +237,15 @@ class SharedNetworks:
             x_t = torch.cat([a.x_t for a in merged]) if len(merged) > 1 else merged[0].x_t
             t = torch.cat([a.t for a in merged]) if len(merged) > 1 else merged[0].t
             eps = self._bound[1]({"x_t": x_t, "timesteps": t})["eps"]
-            done = stream.record_event() if stream is not None else None
+            done = None
+            if stream is not None:
+                done = torch.cuda.Event(enable_timing=True)
+                done.record(stream)
+                self._last_gpu = (began, done)
             self._last_done = done
             start = 0
             for a in merged:
                 a.eps, a.done = eps[start: start + a.job.rows], done
                 start += a.job.rows
         if self.on_merged is not None:
-            self.on_merged(start, len(merged))
+            self.on_merged(MergedCall(start, len(merged), since_last, previous_gpu))

@@ -41,7 +41,7 @@ def test_concurrent_jobs_share_model_calls_and_get_their_own_videos(tiny_pipe):
     alone_a = tiny_pipe(STORY, **A).frames
     alone_b = tiny_pipe(["a green bird flies"], **B).frames
     merged = []
-    shared = Pipeline(SharedNetworks(tiny_pipe.nets, on_merged=lambda rows, jobs: merged.append((rows, jobs))))
+    shared = Pipeline(SharedNetworks(tiny_pipe.nets, on_merged=lambda call: merged.append((call.rows, call.jobs))))
     out, _ = run_together(shared, {"a": (STORY, A), "b": (["a green bird flies"], B)}, {})
     assert any(jobs == 2 for _, jobs in merged), merged  # steps of both jobs ran as one call
     for name, alone in (("a", alone_a), ("b", alone_b)):
@@ -75,7 +75,7 @@ def test_a_late_job_still_joins_the_step_while_the_gpu_is_busy(monkeypatch):
     because its thread waits for the GPU); once the GPU is idle it runs without them."""
     shared = SharedNetworks(_StubNets(), wait_s=0.01)
     merged = []
-    shared.on_merged = lambda rows, jobs: merged.append(jobs)
+    shared.on_merged = lambda call: merged.append(call.jobs)
     busy_until = time.monotonic() + 0.3
     monkeypatch.setattr(shared, "_gpu_idle", lambda: time.monotonic() >= busy_until)
     early, late = (shared.denoiser(None, torch.zeros(1), None) for _ in range(2))

@@ -59,6 +59,10 @@ def test_a_job_gives_the_video_of_the_pipeline_alone(pipe, tmp_path):
         assert read_mp4(tmp_path / "got.mp4").shape[0] == 40
         metrics = client.get("/metrics").text
         assert "nuwaxl_frames_total 40.0" in metrics and 'nuwaxl_jobs_total{state="done"} 1.0' in metrics
+        value = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("nuwaxl")}
+        # 4 steps x 2 levels, one job: 8 merged calls, 7 periods between their starts; no GPU time on the CPU
+        assert value["nuwaxl_step_jobs_count"] == 8 and value["nuwaxl_step_period_seconds_count"] == 7
+        assert value["nuwaxl_step_period_seconds_sum"] > 0 and value["nuwaxl_step_gpu_seconds_count"] == 0
         assert client.get("/healthz").json() == {"ok": True, "workers": 4, "queue": 0}
     finally:
         server.stop()
