@@ -201,6 +201,30 @@ def test_fd_by_quarter_shows_where_a_video_decays():
     assert max(fd[:3]) < 1e-3 and fd[3] > 100, fd
 
 
+def test_motion_reads_character_positions_from_colour_and_sees_jumps():
+    """Real frames: every prompted character found within 2.5 px of the renderer's label (the eyes move the centroid a
+    little), displacements of real motion under 4 px; the same frames shuffled within their shots jump far more;
+    blank frames find nobody."""
+    from nuwaxl.train.data import LongVideo
+    from nuwaxl.train.evaluate import character_positions, motion_scores, motion_summary
+
+    video = LongVideo(1000, 0, 400, resolution=64)
+    frames, captions = video.clip(range(400)), [video.caption(i) for i in range(400)]
+    found = character_positions(frames, captions)
+    for i, pos in enumerate(found):
+        labels = video.labels(i)
+        assert set(pos) == set(labels.characters), i
+        for c, (x, y) in zip(labels.characters, labels.positions, strict=True):
+            assert np.hypot(pos[c][0] - 64 * x, pos[c][1] - 64 * y) < 2.5, (i, c)
+    real = motion_summary([frames], [captions])
+    assert real["presence"] == 1.0 and real["motion_p95_px"] < 4.0, real
+    shuffled = np.concatenate([frames[s.start: s.start + s.length][np.random.default_rng(0).permutation(s.length)]
+                               for s in video.shots])
+    assert motion_summary([shuffled], [captions])["motion_p95_px"] > 5 * max(real["motion_p95_px"], 1.0)
+    moves, hit, asked = motion_scores(np.zeros_like(frames[:10]), captions[:10])
+    assert moves == [] and hit == 0 and asked > 0
+
+
 def test_reference_rows_score_real_frames_and_their_reconstructions():
     from nuwaxl.runtime.pipeline import Pipeline
     from nuwaxl.train.evaluate import evaluate_reference

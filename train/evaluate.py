@@ -10,7 +10,10 @@ penultimate features stand in for Inception features in Frechet distances:
   for B-FVD-16;
 - caption-attribute accuracy: per frame, is the location the prompt names predicted, and is the predicted set of
   characters exactly the prompt's (the mean of the two);
-- character consistency: how often a character the prompt names is detected, over the whole video and per quarter.
+- character consistency: how often a character the prompt names is detected, over the whole video and per quarter;
+- motion (no network): each prompted character is found by its body colour (`character_positions`), and the
+  frame-to-frame displacement of its centroid within a shot is compared with the real videos' (p50 / p95, in pixels
+  of a 64-pixel frame), with presence: how often a prompted character is found at all.
 """
 
 from __future__ import annotations
@@ -128,6 +131,53 @@ def parse_caption(caption: str) -> tuple[int | None, frozenset[int]]:
     return loc, chars
 
 
+# A pixel belongs to a character when its colour is nearest that character's body colour among the cast, the prompted
+# location's sky and ground, and black (eyes), and within this distance (RGB, 0-255); a character is present where
+# at least MIN_BODY_PIXELS of a 64-pixel frame's pixels are its (its body covers 66-132 of them in real frames).
+MAX_COLOUR_DISTANCE = 80.0
+MIN_BODY_PIXELS = 20
+
+
+def character_positions(frames: np.ndarray, prompts: list[str]) -> list[dict[int, tuple[float, float]]]:
+    """Per frame (N, H, W, 3) uint8, the centroid (x, y), in pixels of a PROBE_RES frame, of each character its prompt
+    names that is found by body colour (module constants)."""
+    frames = to_probe_input(frames).permute(0, 2, 3, 1).numpy() * 127.5 + 127.5  # resized, (N, h, w, 3) in 0-255
+    out = []
+    for frame, prompt in zip(frames, prompts, strict=True):
+        loc, chars = parse_caption(prompt)
+        scene = [] if loc is None else [LOCATIONS[loc][1], LOCATIONS[loc][2]]
+        palette = np.array([c[1] for c in CAST] + scene + [(0, 0, 0)], dtype=np.float32)
+        dist = np.linalg.norm(frame[:, :, None, :] - palette, axis=-1)  # (h, w, P)
+        nearest, close = dist.argmin(-1), dist.min(-1) <= MAX_COLOUR_DISTANCE
+        found = {}
+        for c in sorted(chars):
+            ys, xs = np.nonzero((nearest == c) & close)
+            if len(xs) >= MIN_BODY_PIXELS:
+                found[c] = (float(xs.mean()), float(ys.mean()))
+        out.append(found)
+    return out
+
+
+def motion_scores(frames: np.ndarray, prompts: list[str]) -> tuple[list[float], int, int]:
+    """(displacements in pixels of each character found in two adjacent frames of one shot (same prompt), characters
+    found, characters prompted)."""
+    pos = character_positions(frames, prompts)
+    moves = [float(np.hypot(b[c][0] - a[c][0], b[c][1] - a[c][1]))
+             for i, (a, b) in enumerate(zip(pos[:-1], pos[1:], strict=True)) if prompts[i] == prompts[i + 1]
+             for c in a.keys() & b.keys()]
+    return moves, sum(len(p) for p in pos), sum(len(parse_caption(p)[1]) for p in prompts)
+
+
+def motion_summary(videos: list[np.ndarray], prompts: list[list[str]]) -> dict[str, float]:
+    moves, found, asked = [], 0, 0
+    for video, ps in zip(videos, prompts, strict=True):
+        m, f, a = motion_scores(video, ps)
+        moves += m
+        found, asked = found + f, asked + a
+    p50, p95 = np.percentile(moves, [50, 95]).tolist() if moves else (float("nan"), float("nan"))
+    return {"motion_p50_px": p50, "motion_p95_px": p95, "presence": found / asked if asked else float("nan")}
+
+
 @torch.no_grad()
 def probe_frames(probe: FrameProbe, frames: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
     feats, locs, chars = [], [], []
@@ -216,6 +266,8 @@ def evaluate_videos(videos: list[np.ndarray], prompts: list[list[str]], referenc
     out["block_fd_16"] = frechet(gen_b, ref_b) if len(gen_b) > 2 and len(ref_b) > 2 else float("nan")
     out["avg_fd_by_quarter"] = [frechet(np.concatenate([quarter(g["features"], q) for g in gen]),
                                         np.concatenate([quarter(r["features"], q) for r in ref])) for q in range(4)]
+    out.update(motion_summary(videos, prompts))
+    out.update({f"real_{k}": v for k, v in motion_summary(references, prompts).items()})  # the same captions
     return out
 
 
