@@ -201,28 +201,36 @@ def test_fd_by_quarter_shows_where_a_video_decays():
     assert max(fd[:3]) < 1e-3 and fd[3] > 100, fd
 
 
-def test_motion_reads_character_positions_from_colour_and_sees_jumps():
-    """Real frames: every prompted character found within 2.5 px of the renderer's label (the eyes move the centroid a
-    little), displacements of real motion under 4 px; the same frames shuffled within their shots jump far more;
-    blank frames find nobody."""
-    from nuwaxl.train.data import LongVideo
-    from nuwaxl.train.evaluate import character_positions, motion_scores, motion_summary
+def test_motion_and_identity_read_characters_by_colour():
+    """Real frames: exactly the prompted characters found, each within 2.5 px of the renderer's label (the eyes move
+    the centroid a little), real motion under 4 px per frame, no intruders, a steady colour. The same frames shuffled
+    within their shots jump far more; a character repainted as another is an intruder (and missing); blank frames
+    find nobody."""
+    from nuwaxl.train.data import CAST, LongVideo
+    from nuwaxl.train.evaluate import character_scores, find_characters, motion_summary
 
     video = LongVideo(1000, 0, 400, resolution=64)
     frames, captions = video.clip(range(400)), [video.caption(i) for i in range(400)]
-    found = character_positions(frames, captions)
-    for i, pos in enumerate(found):
+    for i, found in enumerate(find_characters(frames, captions)):
         labels = video.labels(i)
-        assert set(pos) == set(labels.characters), i
+        assert set(found) == set(labels.characters), i
         for c, (x, y) in zip(labels.characters, labels.positions, strict=True):
-            assert np.hypot(pos[c][0] - 64 * x, pos[c][1] - 64 * y) < 2.5, (i, c)
+            assert np.hypot(found[c].x - 64 * x, found[c].y - 64 * y) < 2.5, (i, c)
     real = motion_summary([frames], [captions])
-    assert real["presence"] == 1.0 and real["motion_p95_px"] < 4.0, real
+    assert real["presence"] == 1.0 and real["intruder_frames"] == 0.0 and real["motion_p95_px"] < 4.0, real
+    assert real["colour_std"] < 5.0, real
     shuffled = np.concatenate([frames[s.start: s.start + s.length][np.random.default_rng(0).permutation(s.length)]
                                for s in video.shots])
     assert motion_summary([shuffled], [captions])["motion_p95_px"] > 5 * max(real["motion_p95_px"], 1.0)
-    moves, hit, asked = motion_scores(np.zeros_like(frames[:10]), captions[:10])
-    assert moves == [] and hit == 0 and asked > 0
+    shot = video.shots[0]
+    c = shot.actors[0].character
+    other = next(o for o in range(len(CAST)) if o not in {a.character for a in shot.actors})
+    morphed = frames[shot.start: shot.start + 20].copy()
+    morphed[np.all(morphed == CAST[c][1], axis=-1)] = CAST[other][1]
+    scores = character_scores(morphed, captions[shot.start: shot.start + 20])
+    assert scores["intruded"] == 20 and scores["found"] < scores["asked"], scores
+    blank = character_scores(np.zeros_like(frames[:10]), captions[:10])
+    assert blank["moves"] == [] and blank["found"] == 0 and blank["asked"] > 0
 
 
 def test_reference_rows_score_real_frames_and_their_reconstructions():

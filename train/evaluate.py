@@ -11,9 +11,11 @@ penultimate features stand in for Inception features in Frechet distances:
 - caption-attribute accuracy: per frame, is the location the prompt names predicted, and is the predicted set of
   characters exactly the prompt's (the mean of the two);
 - character consistency: how often a character the prompt names is detected, over the whole video and per quarter;
-- motion (no network): each prompted character is found by its body colour (`character_positions`), and the
-  frame-to-frame displacement of its centroid within a shot is compared with the real videos' (p50 / p95, in pixels
-  of a 64-pixel frame), with presence: how often a prompted character is found at all.
+- motion and identity (no network): each character is found by its body colour (`find_characters`); the
+  frame-to-frame displacement of a prompted character's centroid within a shot is compared with the real videos'
+  (p50 / p95, in pixels of a 64-pixel frame); presence: how often a prompted character is found at all; intruders:
+  frames showing a cast character the prompt does not name (a character morphing into another); colour spread: how
+  far a character's body colour wanders over its time on screen.
 """
 
 from __future__ import annotations
@@ -138,44 +140,68 @@ MAX_COLOUR_DISTANCE = 80.0
 MIN_BODY_PIXELS = 20
 
 
-def character_positions(frames: np.ndarray, prompts: list[str]) -> list[dict[int, tuple[float, float]]]:
-    """Per frame (N, H, W, 3) uint8, the centroid (x, y), in pixels of a PROBE_RES frame, of each character its prompt
-    names that is found by body colour (module constants)."""
+@dataclass(frozen=True)
+class Sighting:
+    """A character found in a frame by its body colour: centroid in pixels of a PROBE_RES frame, mean body colour."""
+
+    x: float
+    y: float
+    colour: tuple[float, float, float]
+
+
+def find_characters(frames: np.ndarray, prompts: list[str]) -> list[dict[int, Sighting]]:
+    """Per frame (N, H, W, 3) uint8, every cast character found by body colour (module constants), prompted or not;
+    a frame's prompt gives the location whose sky and ground compete for pixels."""
     frames = to_probe_input(frames).permute(0, 2, 3, 1).numpy() * 127.5 + 127.5  # resized, (N, h, w, 3) in 0-255
     out = []
     for frame, prompt in zip(frames, prompts, strict=True):
-        loc, chars = parse_caption(prompt)
+        loc = parse_caption(prompt)[0]
         scene = [] if loc is None else [LOCATIONS[loc][1], LOCATIONS[loc][2]]
         palette = np.array([c[1] for c in CAST] + scene + [(0, 0, 0)], dtype=np.float32)
         dist = np.linalg.norm(frame[:, :, None, :] - palette, axis=-1)  # (h, w, P)
         nearest, close = dist.argmin(-1), dist.min(-1) <= MAX_COLOUR_DISTANCE
         found = {}
-        for c in sorted(chars):
-            ys, xs = np.nonzero((nearest == c) & close)
+        for c in range(len(CAST)):
+            body = (nearest == c) & close
+            ys, xs = np.nonzero(body)
             if len(xs) >= MIN_BODY_PIXELS:
-                found[c] = (float(xs.mean()), float(ys.mean()))
+                found[c] = Sighting(float(xs.mean()), float(ys.mean()), tuple(frame[body].mean(0).tolist()))
         out.append(found)
     return out
 
 
-def motion_scores(frames: np.ndarray, prompts: list[str]) -> tuple[list[float], int, int]:
-    """(displacements in pixels of each character found in two adjacent frames of one shot (same prompt), characters
-    found, characters prompted)."""
-    pos = character_positions(frames, prompts)
-    moves = [float(np.hypot(b[c][0] - a[c][0], b[c][1] - a[c][1]))
-             for i, (a, b) in enumerate(zip(pos[:-1], pos[1:], strict=True)) if prompts[i] == prompts[i + 1]
-             for c in a.keys() & b.keys()]
-    return moves, sum(len(p) for p in pos), sum(len(parse_caption(p)[1]) for p in prompts)
+def character_scores(frames: np.ndarray, prompts: list[str]) -> dict:
+    """Of one video: `moves` (pixel displacement of each prompted character found in two adjacent frames of one shot,
+    that is of one prompt), `found` / `asked` (prompted characters found / prompted), `intruded` (frames where a cast
+    character the prompt does not name is found), `colour_std` (per prompted character, the spread (RGB distance from
+    the mean, averaged) of its body colour over all frames it is found in)."""
+    seen = find_characters(frames, prompts)
+    asked = [parse_caption(p)[1] for p in prompts]
+    moves = [float(np.hypot(b[c].x - a[c].x, b[c].y - a[c].y))
+             for i, (a, b) in enumerate(zip(seen[:-1], seen[1:], strict=True)) if prompts[i] == prompts[i + 1]
+             for c in (a.keys() & b.keys() & asked[i])]
+    colours: dict[int, list] = {}
+    for found, chars in zip(seen, asked, strict=True):
+        for c in found.keys() & chars:
+            colours.setdefault(c, []).append(found[c].colour)
+    spread = [float(np.linalg.norm(np.array(v) - np.mean(v, 0), axis=1).mean()) for v in colours.values() if len(v) > 1]
+    return {"moves": moves, "found": sum(len(f.keys() & a) for f, a in zip(seen, asked, strict=True)),
+            "asked": sum(len(a) for a in asked), "intruded": sum(bool(f.keys() - a) for f, a in zip(seen, asked,
+                                                                                                strict=True)),
+            "frames": len(prompts), "colour_std": spread}
 
 
 def motion_summary(videos: list[np.ndarray], prompts: list[list[str]]) -> dict[str, float]:
-    moves, found, asked = [], 0, 0
-    for video, ps in zip(videos, prompts, strict=True):
-        m, f, a = motion_scores(video, ps)
-        moves += m
-        found, asked = found + f, asked + a
+    """Motion, presence and identity scores of videos (`character_scores`), all videos together."""
+    parts = [character_scores(v, p) for v, p in zip(videos, prompts, strict=True)]
+    moves = [m for part in parts for m in part["moves"]]
+    spread = [x for part in parts for x in part["colour_std"]]
     p50, p95 = np.percentile(moves, [50, 95]).tolist() if moves else (float("nan"), float("nan"))
-    return {"motion_p50_px": p50, "motion_p95_px": p95, "presence": found / asked if asked else float("nan")}
+    total = {k: sum(part[k] for part in parts) for k in ("found", "asked", "intruded", "frames")}
+    return {"motion_p50_px": p50, "motion_p95_px": p95,
+            "presence": total["found"] / total["asked"] if total["asked"] else float("nan"),
+            "intruder_frames": total["intruded"] / total["frames"],
+            "colour_std": float(np.mean(spread)) if spread else float("nan")}
 
 
 @torch.no_grad()
