@@ -55,7 +55,7 @@ EVENTS_POLL_S = 0.01  # how often a frame stream looks at its job's progress (in
 # A job's progress goes to the database at most this often (and when it ends); streams and status read it from memory.
 # Per frame, a commit cost 0.4 ms of the 5.2 s a 1024-frame job spent on its frames (128 px, our 2-core machine).
 PROGRESS_DB_S = 0.5
-PNG_WRITERS = min(4, os.cpu_count() or 1)  # threads that encode frames (Pillow releases the GIL while it compresses)
+PNG_WRITERS = min(4, os.cpu_count() or 1)  # threads that encode and write frames, shared by all jobs
 
 
 class VideoRequest(BaseModel):
