@@ -197,6 +197,8 @@ class Server:
         self.cancelled: set[str] = set()
         self.live: dict[str, tuple[str, int]] = {}  # job -> (state, frames done), for the frame streams
         self.png_pool = ThreadPoolExecutor(PNG_WRITERS, thread_name_prefix="nuwaxl-png")
+        # Finished levels are saved off the threads that drive the GPU, in the order they finished.
+        self.level_pool = ThreadPoolExecutor(1, thread_name_prefix="nuwaxl-levels")
         self.wake = threading.Condition()
         self.stopping = False
         self.registry = CollectorRegistry()
@@ -344,28 +346,33 @@ class Server:
                 self.live[job_id] = (self.live.get(job_id, ("running", 0))[0], count)
 
         output = FrameOutput(self.png_pool, lambda i: self.frame_path(job_id, i), self.video_path(job_id), written)
+        level_saves: list[Future] = []
         try:
             finished = self._finished_levels(job_id, job["levels_done"])
             count = 0
-            for index, frame in self.pipeline.iter_frames(request.prompts, request.num_frames, progress=False,
-                                                          cancel=lambda: job_id in self.cancelled,
-                                                          finished=finished,
-                                                          on_level=lambda lv, fr: self._save_level(job_id, lv, fr),
-                                                          **request.pipeline_kwargs()):
+            for index, frame in self.pipeline.iter_frames(
+                    request.prompts, request.num_frames, progress=False, cancel=lambda: job_id in self.cancelled,
+                    finished=finished, on_level=lambda lv, fr: level_saves.append(
+                        self.level_pool.submit(self._save_level, job_id, lv, fr)),
+                    **request.pipeline_kwargs()):
                 output.put(index, frame)
                 self.frames.inc()
                 count += 1
+            for save in level_saves:
+                save.result()
             output.finish()
             self._record(job_id, state="done", finished=time.time(), frames_done=count)
             for saved_level in (self.data / job_id).glob("level*.safetensors"):  # no longer needed
                 saved_level.unlink()
             self.jobs.labels("done").inc()
         except Cancelled:  # after the denoising step in which DELETE came
+            wait(level_saves)
             output.abort()
             self.cancelled.discard(job_id)
             self._record(job_id, state="cancelled", finished=time.time(), frames_done=output.announced)
             self.jobs.labels("cancelled").inc()
         except Exception as e:  # this job fails alone, with its reason; the server goes on
+            wait(level_saves)
             output.abort()
             self._record(job_id, state="failed", finished=time.time(), frames_done=output.announced,
                          error=f"{type(e).__name__}: {e}")

@@ -106,13 +106,13 @@ class SharedNetworks:
         self._asks: list[_Ask] = []
         self._leading = False
         self._bound: tuple[tuple, Callable[[dict], dict]] | None = None  # (the jobs merged, their bound step)
-        self._last_done: torch.cuda.Event | None = None  # the last merged call has finished on the GPU
         self._row_limit: int | None = None  # most rows per merged call, once one ran out of memory (never raised)
         self._last_start: float | None = None  # perf_counter at the previous merged call's start
         self._last_gpu: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # its start and end on the GPU
 
     def _gpu_idle(self) -> bool:
-        return self._last_done is None or self._last_done.query()
+        """The last merged call has finished on the GPU (always, on the CPU)."""
+        return self._last_gpu is None or self._last_gpu[1].query()
 
     def _locked(self, fn, *args):
         with self._lock:
@@ -242,7 +242,6 @@ class SharedNetworks:
                 done = torch.cuda.Event(enable_timing=True)
                 done.record(stream)
                 self._last_gpu = (began, done)
-            self._last_done = done
             start = 0
             for a in merged:
                 a.eps, a.done = eps[start: start + a.job.rows], done
