@@ -29,7 +29,7 @@ PRECISION = "fp16" if DEVICE.type == "cuda" else "fp32"
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
 
 
-def models_and_spec(preset: str, rows: int, layout: str):
+def models_and_spec(preset: str, rows: int, layout: str, network: str = "unet_step"):
     from nuwaxl.config import preset as preset_config
     from nuwaxl.engine.torch_backend import channels_last_convs
     from nuwaxl.iospec import io_specs
@@ -40,7 +40,7 @@ def models_and_spec(preset: str, rows: int, layout: str):
     models = NuwaModels.random(config, seed=0, device=DEVICE.type).to(DTYPE).eval()
     if layout == "nhwc":
         channels_last_convs(models)
-    return networks(models)["unet_step"], io_specs(config, PRECISION, rows)["unet_step"], config
+    return networks(models)[network], io_specs(config, PRECISION, rows)[network], config
 
 
 def feeds(spec, batch, config):

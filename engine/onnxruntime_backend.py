@@ -3,6 +3,8 @@ The only module that imports onnxruntime."""
 
 from __future__ import annotations
 
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,15 +179,55 @@ def check_build(device: torch.device, precision: str) -> None:
 FUSED_ATTENTION = ("unet_step",)
 
 
+# Networks whose graph ONNX Runtime's own transformer optimizer rewrites in builds for CUDA, with its fusions for
+# diffusion models of the named model type ("unet": GroupNorm + SiLU and residual adds as channels-last GroupNorm /
+# SkipGroupNorm, NHWC convolutions, bias adds, transposes merged): exported from the fp32 reference, optimized, then
+# converted to fp16 by its float16 tool (GroupNorm's gamma and beta stay fp32, as its kernels want). The fused ops have
+# CUDA kernels only, so builds on the CPU keep the exported graph.
+GRAPH_FUSIONS = {"unet_step": "unet"}
+
+
 def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     """The ONNX stage (registry protocol): export with a dynamic batch, then the parity gate on ONNX Runtime
     (CUDA where the build runs on a GPU and onnxruntime-gpu is installed). Reused when its cache key matches."""
-    return onnx_stage(job, name, module, reference, spec, fused_attention=name in FUSED_ATTENTION)
+    return onnx_stage(job, name, module, reference, spec, fused_attention=name in FUSED_ATTENTION,
+                      fusions=GRAPH_FUSIONS.get(name))
 
 
-def onnx_stage(job, name: str, module, reference, spec: IOSpec, fused_attention: bool) -> dict:
-    """Export (`fused_attention`: attention as ONNX Runtime's contrib op, for graphs only it runs), parity gate,
-    manifest; reused when its cache key matches."""
+def fuse_graph(src: Path, dst: Path, model_type: str, fp16: bool) -> dict:
+    """ONNX Runtime's transformer optimizer (its Python fusions only, no session) on the fp32 graph `src`, then
+    (fp16) its float16 conversion, inputs and outputs included; written to `dst` (weights beside it when large).
+    Returns facts for the manifest."""
+    import logging
+
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from nuwaxl.export.onnx_export import EXTERNAL_DATA_BYTES
+
+    t0 = time.perf_counter()
+    # Its symbolic shape inference does not know every op of our graphs and says so as a warning; the float16
+    # conversion then takes types from the graph (checked by the parity gate that follows).
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    model = optimize_model(str(src), model_type=model_type, opt_level=0,
+                           optimization_options=FusionOptions(model_type), use_gpu=True)
+    fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    if fp16:
+        model.convert_float_to_float16(keep_io_types=False)
+    weights = sum(len(t.raw_data) for t in model.model.graph.initializer)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    model.save_model_to_file(str(dst), use_external_data_format=weights > EXTERNAL_DATA_BYTES,
+                             all_tensors_to_one_file=True)
+    return {"graph_optimizer": f"onnxruntime.transformers optimize_model(model_type={model_type!r}, opt_level=0)",
+            "fused_ops": fused, "float16_conversion": "onnxruntime.transformers float16" if fp16 else None,
+            "external_data": weights > EXTERNAL_DATA_BYTES, "optimize_s": round(time.perf_counter() - t0, 2)}
+
+
+def onnx_stage(job, name: str, module, reference, spec: IOSpec, fused_attention: bool,
+               fusions: str | None = None) -> dict:
+    """Export (`fused_attention`: attention as ONNX Runtime's contrib op, for graphs only it runs; `fusions`: the
+    model type of ONNX Runtime's graph optimizer, applied where the build runs on CUDA), parity gate, manifest;
+    reused when its cache key matches."""
     from nuwaxl.engine.stage import cached, check_parity, parity_text, stage_key
     from nuwaxl.export.onnx_export import (
         OPSET,
@@ -198,15 +240,27 @@ def onnx_stage(job, name: str, module, reference, spec: IOSpec, fused_attention:
 
     onnx_path, man_path = job.out / "onnx" / f"{name}.onnx", job.out / "onnx" / f"{name}.json"
     attention = "com.microsoft.MultiHeadAttention" if fused_attention else "onnx"
+    dev = job.device if (job.device.type == "cuda" and status().get("cuda")) else torch.device("cpu")
+    fusions = fusions if dev.type == "cuda" else None
     key = stage_key(checkpoint=job.weights_id, spec=spec.to_dict(), precision=job.precision, opset=OPSET,
-                    attention=attention, torch=torch.__version__, parity=job.parity[name])
+                    attention=attention, torch=torch.__version__, parity=job.parity[name],
+                    **({"fusions": [fusions, status()["version"]]} if fusions else {}))
     old = cached(man_path, key, job.force)
     if old and onnx_path.is_file() and onnx_sha256(onnx_path) == old["onnx_sha256"]:
         job.log(f"{name}: ONNX reused (same checkpoint, spec and precision)")
         return {"onnx": f"onnx/{name}.onnx", "onnx_sha256": old["onnx_sha256"]}
-    sample = job.sample(spec, min(2, spec.batch_max), next(module.parameters()).dtype)
-    facts = export_onnx(module, spec, onnx_path, sample, ort_attention() if fused_attention else None)
-    dev = job.device if (job.device.type == "cuda" and status().get("cuda")) else torch.device("cpu")
+    translations = ort_attention() if fused_attention else None
+    if fusions is None:
+        sample = job.sample(spec, min(2, spec.batch_max), next(module.parameters()).dtype)
+        facts = export_onnx(module, spec, onnx_path, sample, translations)
+    else:  # ONNX Runtime's optimizer fuses fp32 graphs, then converts them (see GRAPH_FUSIONS)
+        reference.to(job.device)
+        with tempfile.TemporaryDirectory(dir=job.out, prefix=f".{name}-fp32-") as tmp:
+            fp32 = Path(tmp) / f"{name}.onnx"
+            facts = export_onnx(reference, spec, fp32, job.sample(spec, min(2, spec.batch_max), torch.float32),
+                                translations)
+            facts |= fuse_graph(fp32, onnx_path, fusions, fp16=job.precision == "fp16")
+        job.log(f"{name}: ONNX Runtime's {fusions} fusions: {facts['fused_ops']}")
     engine = OrtEngine(onnx_path, spec, dev)
     result = job.measure_parity(name, engine.run, reference.to(dev), spec, dev, f"onnxruntime-{dev.type}")
     reference.to(job.device)

@@ -87,6 +87,32 @@ def test_onnxruntime_graphs_fuse_attention_where_measured_and_tensorrt_graphs_ne
     assert "Softmax" in ops(trt_dir, "unet_step")
 
 
+def test_onnxruntime_unet_fusions_turn_every_group_norm_into_its_fused_op(ort_dir, tmp_path):
+    """CUDA builds rewrite unet_step with ONNX Runtime's optimizer (fused ops without CPU kernels: checked here as a
+    graph; the GPU build's parity gate runs it). Every GroupNorm of the exported graph (InstanceNormalization in the
+    decomposition) becomes GroupNorm / SkipGroupNorm, SiLU folded in where it follows; fp16 I/O as the spec says.
+    A CPU build keeps the exported graph."""
+    from nuwaxl.engine.onnxruntime_backend import GRAPH_FUSIONS, fuse_graph
+
+    src = ort_dir / "onnx" / "unet_step.onnx"
+    plain = onnx.load(str(src)).graph
+    norms = sum(n.op_type == "InstanceNormalization" for n in plain.node)
+    assert norms > 0 and "fused_ops" not in json.loads((ort_dir / "onnx" / "unet_step.json").read_text())
+    facts = fuse_graph(src, tmp_path / "unet_step.onnx", GRAPH_FUSIONS["unet_step"], fp16=True)
+    graph = onnx.load(str(tmp_path / "unet_step.onnx")).graph
+    fused = [n for n in graph.node if n.op_type in ("GroupNorm", "SkipGroupNorm")]
+    assert len(fused) == norms == facts["fused_ops"].get("GroupNorm", 0) + facts["fused_ops"].get("SkipGroupNorm", 0)
+    assert not any(n.op_type == "InstanceNormalization" for n in graph.node)
+    silu = [a.i for n in fused for a in n.attribute if a.name == "activation"]
+    assert 0 < sum(silu) < len(fused)  # ResBlock norms are followed by SiLU, the transformers' are not
+    assert facts["fused_ops"].get("NhwcConv", 0) > 0
+    spec = expected_specs(ort_dir)["unet_step"]
+    fp16 = onnx.TensorProto.FLOAT16
+    assert [(i.name, i.type.tensor_type.elem_type) for i in graph.input] == \
+        [(t.name, onnx.TensorProto.INT64 if t.dtype == "int64" else fp16) for t in spec.inputs]
+    assert [o.type.tensor_type.elem_type for o in graph.output] == [fp16]
+
+
 def test_parity_numbers_are_fp32_tight_and_fp16_loose(ort_dir, trt_dir):
     fp32 = json.loads((ort_dir / "onnx" / "unet_step.json").read_text())["parity"]["worst_rel_err"]
     fp16 = json.loads((trt_dir / "onnx" / "unet_step.json").read_text())["parity"]["worst_rel_err"]
