@@ -214,6 +214,13 @@ def fuse_graph(src: Path, dst: Path, model_type: str, fp16: bool) -> dict:
     fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
     if fp16:
         model.convert_float_to_float16(keep_io_types=False)
+        # It names a Cast after the value it converts; a value read by two fp32-only nodes then gets two nodes of
+        # one name, which ONNX Runtime refuses (paper unet_step: "two nodes with same node name").
+        seen: set[str] = set()
+        for i, node in enumerate(model.model.graph.node):
+            if node.name in seen:
+                node.name = f"{node.name}_{i}"
+            seen.add(node.name)
     weights = sum(len(t.raw_data) for t in model.model.graph.initializer)
     dst.parent.mkdir(parents=True, exist_ok=True)
     model.save_model_to_file(str(dst), use_external_data_format=weights > EXTERNAL_DATA_BYTES,
