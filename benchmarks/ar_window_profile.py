@@ -25,6 +25,8 @@ from speed import STORY
 
 from nuwaxl.runtime.pipeline import Pipeline
 
+GAP_US = 50  # idle gaps shorter than this are launch latency inside a stream of kernels
+
 
 def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals (microseconds in, seconds out)."""
@@ -44,7 +46,7 @@ def main() -> None:
     ap.add_argument("--engines", default=None)
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--torch-mode", default="cudagraph")
-    ap.add_argument("--frames", type=int, default=46, help="AR frames (16 per window, 1 shared): 46 = 3 windows")
+    ap.add_argument("--frames", type=int, default=91, help="AR frames (16 per window, 1 shared): 91 = 6 windows")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -74,6 +76,15 @@ def main() -> None:
     for e in kernels:
         by_name[e.name] += e.device_time / 1e6
     busy = busy_seconds(intervals)
+    # GPU idle gaps between one kernel's end and the next one's start (over all streams), largest first, with the
+    # kernels on either side: where the idle time sits (window boundaries, or every step).
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
+    gaps, end, before = [], spans[0][1], spans[0][2]
+    for s0, e0, name in spans[1:]:
+        if s0 - end > GAP_US:
+            gaps.append((s0 - end, s0 - spans[0][0], before, name))
+        if e0 > end:
+            end, before = e0, name
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "git_sha": os.environ.get("NUWAXL_GIT_SHA"), "driver": os.environ.get("NUWAXL_DRIVER")}
@@ -87,9 +98,13 @@ def main() -> None:
                                 "gpu_idle": round(1e3 * (wall_profiled - busy) / windows, 3),
                                 "kernels": round(len(kernels) / windows, 1)},
               "per_step_ms_if_all_busy_were_steps": round(1e3 * busy / windows / args.steps, 4),
+              f"gaps_over_{GAP_US}us": {"count": len(gaps), "total_ms": round(sum(g[0] for g in gaps) / 1e3, 3),
+                                       "largest": [{"us": round(g[0], 1), "at_ms": round(g[1] / 1e3, 2),
+                                                    "after": g[2][:70], "before": g[3][:70]}
+                                                   for g in sorted(gaps, reverse=True)[:30]]},
               "top_kernels_s_per_window": [[n[:120], round(t / windows, 5)] for n, t in top], "env": env}
     Path(args.out).write_text(json.dumps(record, indent=1))
-    print(json.dumps({k: v for k, v in record.items() if k != "top_kernels_s_per_window"}))
+    print(json.dumps({k: v for k, v in record.items() if k != "top_kernels_s_per_window"})[:3000])
 
 
 if __name__ == "__main__":

@@ -214,13 +214,7 @@ def fuse_graph(src: Path, dst: Path, model_type: str, fp16: bool) -> dict:
     fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
     if fp16:
         model.convert_float_to_float16(keep_io_types=False)
-        # It names a Cast after the value it converts; a value read by two fp32-only nodes then gets two nodes of
-        # one name, which ONNX Runtime refuses (paper unet_step: "two nodes with same node name").
-        seen: set[str] = set()
-        for i, node in enumerate(model.model.graph.node):
-            if node.name in seen:
-                node.name = f"{node.name}_{i}"
-            seen.add(node.name)
+        _drop_repeated_casts(model.model.graph)
     weights = sum(len(t.raw_data) for t in model.model.graph.initializer)
     dst.parent.mkdir(parents=True, exist_ok=True)
     model.save_model_to_file(str(dst), use_external_data_format=weights > EXTERNAL_DATA_BYTES,
@@ -228,6 +222,19 @@ def fuse_graph(src: Path, dst: Path, model_type: str, fp16: bool) -> dict:
     return {"graph_optimizer": f"onnxruntime.transformers optimize_model(model_type={model_type!r}, opt_level=0)",
             "fused_ops": fused, "float16_conversion": "onnxruntime.transformers float16" if fp16 else None,
             "external_data": weights > EXTERNAL_DATA_BYTES, "optimize_s": round(time.perf_counter() - t0, 2)}
+
+
+def _drop_repeated_casts(graph) -> None:
+    """ONNX Runtime 1.31's float16 tool gives a value read by two fp32-only inputs (one `scales` constant of several
+    Resize nodes) one Cast per reader, each with the same node and output name: a graph ONNX Runtime refuses ("two
+    nodes with same node name", then "Duplicate definition of name"). Keep the first of such identical Casts."""
+    made: dict[str, object] = {}
+    for node in list(graph.node):
+        first = made.get(node.output[0]) if node.op_type == "Cast" else None
+        if first is not None and first.input == node.input and first.attribute == node.attribute:
+            graph.node.remove(node)
+            continue
+        made.update((out, node) for out in node.output if out)
 
 
 def onnx_stage(job, name: str, module, reference, spec: IOSpec, fused_attention: bool,
