@@ -3,6 +3,7 @@ The only module that imports onnxruntime."""
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -275,6 +276,9 @@ def onnx_stage(job, name: str, module, reference, spec: IOSpec, fused_attention:
                                 translations)
             facts |= fuse_graph(fp32, onnx_path, fusions, fp16=job.precision == "fp16")
         job.log(f"{name}: ONNX Runtime's {fusions} fusions: {facts['fused_ops']}")
+    if dev.type == "cuda":  # ONNX Runtime's arena and torch's cache share the GPU: give it torch's spare blocks
+        gc.collect()  # (and the arenas of sessions no longer referenced)
+        torch.cuda.empty_cache()
     engine = OrtEngine(onnx_path, spec, dev)
     result = job.measure_parity(name, engine.run, reference.to(dev), spec, dev, f"onnxruntime-{dev.type}")
     reference.to(job.device)
