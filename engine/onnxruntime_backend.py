@@ -185,7 +185,7 @@ FUSED_ATTENTION = ("unet_step",)
 # SkipGroupNorm, NHWC convolutions, bias adds, transposes merged): exported from the fp32 reference, optimized, then
 # converted to fp16 by its float16 tool (GroupNorm's gamma and beta stay fp32, as its kernels want). The fused ops have
 # CUDA kernels only, so builds on the CPU keep the exported graph.
-GRAPH_FUSIONS = {"unet_step": "unet"}
+GRAPH_FUSIONS = {"unet_step": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 
 
 def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
