@@ -113,6 +113,36 @@ def test_onnxruntime_unet_fusions_turn_every_group_norm_into_its_fused_op(ort_di
     assert [o.type.tensor_type.elem_type for o in graph.output] == [fp16]
 
 
+@pytest.mark.parametrize("name", ["vae_encoder", "vae_decoder"])
+def test_onnxruntime_vae_fusions_turn_every_group_norm_into_its_fused_op(ort_dir, tmp_path, name):
+    from nuwaxl.engine.onnxruntime_backend import GRAPH_FUSIONS, fuse_graph
+
+    src = ort_dir / "onnx" / f"{name}.onnx"
+    norms = sum(n.op_type == "InstanceNormalization" for n in onnx.load(str(src)).graph.node)
+    facts = fuse_graph(src, tmp_path / f"{name}.onnx", GRAPH_FUSIONS[name], fp16=True)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node]
+    assert norms > 0 and ops.count("GroupNorm") + ops.count("SkipGroupNorm") == norms
+    assert "InstanceNormalization" not in ops and facts["fused_ops"].get("NhwcConv", 0) > 0
+
+
+def test_repeated_identical_casts_are_dropped_and_others_kept():
+    """ONNX Runtime 1.31's float16 tool gives one Resize `scales` value read by two Resize nodes two identical Casts
+    (same node and output name), a graph ONNX Runtime refuses to load."""
+    from onnx import TensorProto, helper
+
+    from nuwaxl.engine.onnxruntime_backend import _drop_repeated_casts
+
+    cast = helper.make_node("Cast", ["s"], ["s_fp32"], name="s_cast", to=TensorProto.FLOAT)
+    nodes = [cast, helper.make_node("Resize", ["x", "", "s_fp32"], ["y1"]),
+             helper.make_node("Cast", ["s"], ["s_fp32"], name="s_cast", to=TensorProto.FLOAT),
+             helper.make_node("Resize", ["x", "", "s_fp32"], ["y2"]),
+             helper.make_node("Cast", ["s"], ["s_fp16"], name="s_cast16", to=TensorProto.FLOAT16)]
+    graph = helper.make_graph(nodes, "g", [], [])
+    _drop_repeated_casts(graph)
+    assert [(n.op_type, n.output[0]) for n in graph.node] == [("Cast", "s_fp32"), ("Resize", "y1"), ("Resize", "y2"),
+                                                               ("Cast", "s_fp16")]
+
+
 def test_parity_numbers_are_fp32_tight_and_fp16_loose(ort_dir, trt_dir):
     fp32 = json.loads((ort_dir / "onnx" / "unet_step.json").read_text())["parity"]["worst_rel_err"]
     fp16 = json.loads((trt_dir / "onnx" / "unet_step.json").read_text())["parity"]["worst_rel_err"]
