@@ -3,7 +3,9 @@ The only module that imports onnxruntime."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -209,14 +211,16 @@ def fuse_graph(src: Path, dst: Path, model_type: str, fp16: bool) -> dict:
     from nuwaxl.export.onnx_export import EXTERNAL_DATA_BYTES
 
     t0 = time.perf_counter()
-    # Its symbolic shape inference does not know every op of our graphs and says so as a warning; the float16
-    # conversion then takes types from the graph (checked by the parity gate that follows).
+    # Its symbolic shape inference does not know every op of our graphs and says so (a warning, and "failed in shape
+    # inference" printed on stdout); the float16 conversion then takes types from the graph, and the parity gate that
+    # follows checks the result.
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     model = optimize_model(str(src), model_type=model_type, opt_level=0,
                            optimization_options=FusionOptions(model_type), use_gpu=True)
     fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
     if fp16:
-        model.convert_float_to_float16(keep_io_types=False)
+        with contextlib.redirect_stdout(io.StringIO()):
+            model.convert_float_to_float16(keep_io_types=False)
         _drop_repeated_casts(model.model.graph)
     weights = sum(len(t.raw_data) for t in model.model.graph.initializer)
     dst.parent.mkdir(parents=True, exist_ok=True)
