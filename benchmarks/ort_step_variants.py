@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--folder", default="/tmp/ort-step-variants")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    from nuwaxl.engine.onnxruntime_backend import FUSED_ATTENTION, OrtEngine, fuse_graph, status
+    from nuwaxl.engine.onnxruntime_backend import FUSED_ATTENTION, GRAPH_FUSIONS, OrtEngine, export_fused, status
     from nuwaxl.export.onnx_export import export_onnx, ort_attention
 
     rows = [int(r) for r in args.rows.split(",")]
@@ -88,12 +88,10 @@ def main() -> None:
         path = folder / f"{net}.{graph}.onnx"
         translations = ort_attention() if graph != "decomposed" and net in FUSED_ATTENTION else None
         if graph == "fused":  # as a CUDA build: fp32 export, ONNX Runtime's optimizer, fp16
-            fp32 = folder / f"{net}.fp32.onnx"
-            exports[graph] = export_onnx(copy.deepcopy(module).float(), spec, fp32,
-                                         {k: v.float() if v.is_floating_point() else v
-                                          for k, v in feeds(spec, min(2, max(rows)), config).items()}, translations)
-            exports[graph] |= fuse_graph(fp32, path, "unet" if net.startswith("unet") else "vae",
-                                         fp16=DTYPE == torch.float16)
+            fp32_feeds = {k: v.float() if v.is_floating_point() else v
+                          for k, v in feeds(spec, min(2, max(rows)), config).items()}
+            exports[graph] = export_fused(copy.deepcopy(module).float(), spec, path, fp32_feeds, translations,
+                                          GRAPH_FUSIONS[net], fp16=DTYPE == torch.float16)
         else:
             exports[graph] = export_onnx(module, spec, path, feeds(spec, min(2, max(rows)), config), translations)
         print(json.dumps({"exported": graph, **exports[graph]}), flush=True)

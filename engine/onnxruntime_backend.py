@@ -231,6 +231,18 @@ def fuse_graph(src: Path, dst: Path, model_type: str, fp16: bool) -> dict:
             "external_data": weights > EXTERNAL_DATA_BYTES, "optimize_s": round(time.perf_counter() - t0, 2)}
 
 
+def export_fused(reference, spec: IOSpec, dst: Path, sample: dict, translations: dict | None, model_type: str,
+                 fp16: bool) -> dict:
+    """Export the fp32 `reference` (to a temporary folder beside `dst`), then `fuse_graph` it into `dst`."""
+    from nuwaxl.export.onnx_export import export_onnx
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.stem}-fp32-") as tmp:
+        fp32 = Path(tmp) / dst.name
+        facts = export_onnx(reference, spec, fp32, sample, translations)
+        return facts | fuse_graph(fp32, dst, model_type, fp16)
+
+
 def _drop_repeated_casts(graph) -> None:
     """ONNX Runtime 1.31's float16 tool gives a value read by two fp32-only inputs (one `scales` constant of several
     Resize nodes) one Cast per reader, each with the same node and output name: a graph ONNX Runtime refuses ("two
@@ -279,12 +291,9 @@ def onnx_stage(job, name: str, module, reference, spec: IOSpec, fused_attention:
         sample = job.sample(spec, min(2, spec.batch_max), next(module.parameters()).dtype)
         facts = export_onnx(module, spec, onnx_path, sample, translations)
     else:  # ONNX Runtime's optimizer fuses fp32 graphs, then converts them (see GRAPH_FUSIONS)
-        reference.to(job.device)
-        with tempfile.TemporaryDirectory(dir=job.out, prefix=f".{name}-fp32-") as tmp:
-            fp32 = Path(tmp) / f"{name}.onnx"
-            facts = export_onnx(reference, spec, fp32, job.sample(spec, min(2, spec.batch_max), torch.float32),
-                                translations)
-            facts |= fuse_graph(fp32, onnx_path, fusions, fp16=job.precision == "fp16")
+        facts = export_fused(reference.to(job.device), spec, onnx_path,
+                             job.sample(spec, min(2, spec.batch_max), torch.float32), translations, fusions,
+                             fp16=job.precision == "fp16")
         job.log(f"{name}: ONNX Runtime's {fusions} fusions: {facts['fused_ops']}")
     if dev.type == "cuda":  # ONNX Runtime's arena and torch's cache share the GPU: give it torch's spare blocks
         gc.collect()  # (and the arenas of sessions no longer referenced)
