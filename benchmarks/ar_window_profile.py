@@ -68,6 +68,11 @@ def main() -> None:
 
     run()  # warm-up: graphs captured, allocator warm
     wall, windows = run()
+    # The pipeline's stage profile (device synchronised at each stage boundary): seconds per stage, whole video.
+    stages: dict[str, float] = {}
+    req = pipe.prepare(STORY, args.frames, num_inference_steps=args.steps, sampler="ddim", mode="ar")
+    for _ in pipe.run(req, progress=False, timings=stages, profile=True):
+        pass
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         wall_profiled, _ = run()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -98,6 +103,7 @@ def main() -> None:
                                 "gpu_idle": round(1e3 * (wall_profiled - busy) / windows, 3),
                                 "kernels": round(len(kernels) / windows, 1)},
               "per_step_ms_if_all_busy_were_steps": round(1e3 * busy / windows / args.steps, 4),
+              "stage_profile_ms_per_window": {k: round(1e3 * v / windows, 3) for k, v in stages.items()},
               f"gaps_over_{GAP_US}us": {"count": len(gaps), "total_ms": round(sum(g[0] for g in gaps) / 1e3, 3),
                                        "largest": [{"us": round(g[0], 1), "at_ms": round(g[1] / 1e3, 2),
                                                     "after": g[2][:70], "before": g[3][:70]}
