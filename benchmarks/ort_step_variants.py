@@ -9,7 +9,7 @@ output compared with the live module's, and profiled per kernel (plain runs unde
 CUDA kernel of the process, ONNX Runtime's included).
 
     python benchmarks/ort_step_variants.py --out ort-step-variants.json [--preset paper] [--rows 1,69]
-        [--network unet_step] [--graphs decomposed,mha,fused] [--options default,prefer_nhwc]
+        [--network unet_step] [--graphs decomposed,mha,fused] [--options default,prefer_nhwc] [--built DIR]
 
 Random weights (seed 0): speed does not depend on weight values.
 """
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--graphs", default="decomposed,mha")
     ap.add_argument("--options", default="default,prefer_nhwc")
     ap.add_argument("--folder", default="/tmp/ort-step-variants")
+    ap.add_argument("--built", default=None, help="also time an engine directory's graph of this network, as built "
+                    "(graph 'built'; the directory must come from the same preset's random weights)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from nuwaxl.engine.onnxruntime_backend import FUSED_ATTENTION, GRAPH_FUSIONS, OrtEngine, export_fused, status
@@ -83,9 +85,9 @@ def main() -> None:
     net = args.network
     module, spec, config = models_and_spec(args.preset, max(rows), "nchw", net)
     names = [t.name for t in spec.inputs]
-    exports = {}
-    for graph in args.graphs.split(","):
-        path = folder / f"{net}.{graph}.onnx"
+    exports, paths = {}, {}
+    for graph in [g for g in args.graphs.split(",") if g]:
+        path = paths[graph] = folder / f"{net}.{graph}.onnx"
         translations = ort_attention() if graph != "decomposed" and net in FUSED_ATTENTION else None
         if graph == "fused":  # as a CUDA build: fp32 export, ONNX Runtime's optimizer, fp16
             fp32_feeds = {k: v.float() if v.is_floating_point() else v
@@ -95,6 +97,10 @@ def main() -> None:
         else:
             exports[graph] = export_onnx(module, spec, path, feeds(spec, min(2, max(rows)), config), translations)
         print(json.dumps({"exported": graph, **exports[graph]}), flush=True)
+    if args.built:
+        paths["built"] = Path(args.built) / "onnx" / f"{net}.onnx"
+        exports["built"] = json.loads(paths["built"].with_suffix(".json").read_text())
+        exports["built"].pop("io_spec", None)
     options = {"default": {}, "prefer_nhwc": {"prefer_nhwc": "1"}} if DEVICE.type == "cuda" else {"default": {}}
     options = {k: v for k, v in options.items() if k in args.options.split(",")}
 
@@ -108,7 +114,7 @@ def main() -> None:
         for opt, cuda_options in options.items():
             variant = f"{graph}+{opt}"
             t0 = time.perf_counter()
-            engine = OrtEngine(folder / f"{net}.{graph}.onnx", spec, DEVICE, cuda_options=cuda_options)
+            engine = OrtEngine(paths[graph], spec, DEVICE, cuda_options=cuda_options)
             session_s = round(time.perf_counter() - t0, 1)
             for batch in rows:
                 x = feeds(spec, batch, config)

@@ -190,6 +190,10 @@ FUSED_ATTENTION = ("unet_step",)
 # 1024 frames, 50 steps; benchmarks/results/engines-ort-paper-1024f-h200-*.json): unet_step 302 -> 236 ms per step at
 # 69 rows and 15.4 -> 10.5 ms at one; DoD 19.65 -> 15.58 s, then 15.16 s with the VAE networks fused too.
 GRAPH_FUSIONS = {"unet_step": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+# Those graphs keep their convolutions channels-last, so their temporal convolutions are exported as (k, 1) 2-D
+# convolutions over the channels-last hidden state (`models.layers.TemporalConv`, "frames-as-height"): ONNX Runtime
+# then runs them as NhwcConv with no transposes around them, instead of a Conv3d between four transposes.
+FUSED_TEMPORAL_CONV = "frames-as-height"
 
 
 def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
@@ -233,14 +237,17 @@ def fuse_graph(src: Path, dst: Path, model_type: str, fp16: bool) -> dict:
 
 def export_fused(reference, spec: IOSpec, dst: Path, sample: dict, translations: dict | None, model_type: str,
                  fp16: bool) -> dict:
-    """Export the fp32 `reference` (to a temporary folder beside `dst`), then `fuse_graph` it into `dst`."""
+    """Export the fp32 `reference` (temporal convolutions as `FUSED_TEMPORAL_CONV`) to a temporary folder beside `dst`,
+    then `fuse_graph` it into `dst`."""
     from nuwaxl.export.onnx_export import export_onnx
+    from nuwaxl.models.layers import temporal_conv_layout
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.stem}-fp32-") as tmp:
         fp32 = Path(tmp) / dst.name
-        facts = export_onnx(reference, spec, fp32, sample, translations)
-        return facts | fuse_graph(fp32, dst, model_type, fp16)
+        with temporal_conv_layout(reference, FUSED_TEMPORAL_CONV):
+            facts = export_onnx(reference, spec, fp32, sample, translations)
+        return facts | {"temporal_conv": FUSED_TEMPORAL_CONV} | fuse_graph(fp32, dst, model_type, fp16)
 
 
 def _drop_repeated_casts(graph) -> None:
@@ -281,7 +288,7 @@ def onnx_stage(job, name: str, module, reference, spec: IOSpec, fused_attention:
     fusions = fusions if dev.type == "cuda" else None
     key = stage_key(checkpoint=job.weights_id, spec=spec.to_dict(), precision=job.precision, opset=OPSET,
                     attention=attention, torch=torch.__version__, parity=job.parity[name],
-                    **({"fusions": [fusions, status()["version"]]} if fusions else {}))
+                    **({"fusions": [fusions, status()["version"], FUSED_TEMPORAL_CONV]} if fusions else {}))
     old = cached(man_path, key, job.force)
     if old and onnx_path.is_file() and onnx_sha256(onnx_path) == old["onnx_sha256"]:
         job.log(f"{name}: ONNX reused (same checkpoint, spec and precision)")

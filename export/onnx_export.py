@@ -86,7 +86,8 @@ def dynamic_shapes(module: nn.Module, spec: IOSpec, batch) -> tuple:
 
 def ort_attention() -> dict:
     """A translation of `F.scaled_dot_product_attention` to ONNX Runtime's fused `com.microsoft.MultiHeadAttention`
-    (query as (N, S, heads * d_head); keys and values as (N, heads, S_ctx, d_head), a layout that op accepts):
+    (query as (N, S, heads * d_head); keys and values so too where the graph makes them by a head split, else as
+    (N, heads, S_ctx, d_head), a layout that op also accepts):
     for graphs that only ONNX Runtime runs (TensorRT's parser does not know the op)."""
     import onnxscript
     from onnx.defs import OpSchema
@@ -99,12 +100,24 @@ def ort_attention() -> dict:
                       attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "")])
     mha = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention", schema)
 
+    def _sequence_major(t, packed):
+        """Keys / values made in the graph by a head split, Transpose(perm 0,2,1,3) of (N, S, heads, d_head): that
+        transpose's input packed as (N, S, heads * d_head), so no transpose runs (self-attention); the others
+        (keys and values fed to the graph, already (N, heads, S_ctx, d_head)) as they are."""
+        producer = t.producer()
+        split = producer is not None and producer.op_type == "Transpose" and \
+            list(producer.attributes["perm"].value) == [0, 2, 1, 3]
+        if not split:
+            return t
+        return op.Reshape(producer.inputs[0], packed)
+
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if attn_mask is not None or is_causal or scale is not None:
             raise NotImplementedError("ort_attention translates unmasked, unscaled attention only")
         heads, d_head = query.shape[1], query.shape[3]
-        q = op.Reshape(op.Transpose(query, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, heads * d_head]))
-        out = mha(q, key, value, num_heads=heads)
+        packed = op.Constant(value_ints=[0, 0, heads * d_head])
+        q = op.Reshape(op.Transpose(query, perm=[0, 2, 1, 3]), packed)
+        out = mha(q, _sequence_major(key, packed), _sequence_major(value, packed), num_heads=heads)
         return op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, d_head])), perm=[0, 2, 1, 3])
 
     return {torch.ops.aten.scaled_dot_product_attention.default: sdpa}

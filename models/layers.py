@@ -6,6 +6,7 @@ temporal layers fold space into batch instead (Eq. 9, and TA after Eq. 15). `num
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,10 +27,45 @@ class TemporalConv(nn.Module):
             for i in range(channels):
                 self.conv.weight[i, i, kernel_size // 2, 0, 0] = 1.0
 
+    # How `forward` lays the frames out: "volume" runs the Conv3d on (B, C, L, H, W); "frames-as-height" runs the
+    # same weights as a (k, 1) 2-D convolution on the channels-last hidden state read as an image of height L and
+    # width H*W, (B, L, H*W, C) -- a reshape of (B*L, H, W, C), so a graph that keeps its convolutions channels-last
+    # (ONNX Runtime's NhwcConv) needs no transposes around it. The same function either way (tested).
+    LAYOUTS = ("volume", "frames-as-height")
+    layout = "volume"
+
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         bl, c, h, w = x.shape
+        if self.layout == "frames-as-height":
+            rows = x.permute(0, 2, 3, 1).reshape(bl // num_frames, num_frames, h * w, c).permute(0, 3, 1, 2)
+            y = self.frames_conv(rows)  # (B, C, L, H*W)
+            return y.permute(0, 2, 3, 1).reshape(bl, h, w, c).permute(0, 3, 1, 2)
         x5 = x.reshape(bl // num_frames, num_frames, c, h, w).transpose(1, 2)  # (B, C, L, H, W)
         return self.conv(x5).transpose(1, 2).reshape(bl, c, h, w)
+
+
+@contextlib.contextmanager
+def temporal_conv_layout(module: nn.Module, layout: str):
+    """Run every `TemporalConv` of `module` with `layout` (one of `TemporalConv.LAYOUTS`) inside the block. For
+    "frames-as-height" each gets a temporary `frames_conv`, a Conv2d whose parameters are views of the Conv3d's (an
+    exporter then writes them as weights, not as an op on the 3-D ones)."""
+    if layout not in TemporalConv.LAYOUTS:
+        raise ValueError(f"unknown temporal convolution layout {layout!r}; use one of {TemporalConv.LAYOUTS}")
+    convs = [m for m in module.modules() if isinstance(m, TemporalConv)]
+    try:
+        for m in convs:
+            m.layout = layout
+            if layout == "frames-as-height":
+                k, c = m.conv.kernel_size[0], m.conv.out_channels
+                m.frames_conv = nn.Conv2d(c, c, (k, 1), padding=(k // 2, 0), device="meta")
+                m.frames_conv.weight = nn.Parameter(m.conv.weight.detach().squeeze(-1), requires_grad=False)
+                m.frames_conv.bias = nn.Parameter(m.conv.bias.detach(), requires_grad=False)
+        yield module
+    finally:
+        for m in convs:
+            del m.layout  # back to the class default
+            if "frames_conv" in m._modules:
+                del m.frames_conv
 
 
 class STConv(nn.Module):

@@ -81,13 +81,15 @@ class SpaceTimeTransformer(nn.Module):
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], num_frames: int) -> torch.Tensor:
         """kv: the prompt's keys and values for PA, `self.cross_attn.kv(context)` (fixed during sampling)."""
         bl, c, hh, ww = x.shape
-        h = self.proj_in(self.norm(x).reshape(bl, c, hh * ww).transpose(1, 2))  # (B*L, HW, C)
+        # (B*L, HW, C): the same view as reshape + transpose(1, 2), and in an ONNX graph a Transpose right after the
+        # GroupNorm, which ONNX Runtime's channels-last GroupNorm then cancels
+        h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(bl, hh * ww, c))
         h = h + self.self_attn(self.norm_sa(h))  # Eq. 12-13
         h = h + self.cross_attn(self.norm_pa(h), kv=kv)  # Eq. 14-15, context (B*L, l_p, d_p)
         if self.temporal is not None:
             h = self.temporal(h, num_frames)
         h = h + self.ff(self.norm_ff(h))
-        return x + self.proj_out(h).transpose(1, 2).reshape(bl, c, hh, ww)
+        return x + self.proj_out(h).reshape(bl, hh, ww, c).permute(0, 3, 1, 2)
 
 
 class UNetLayer(nn.Module):

@@ -15,7 +15,7 @@ from conftest import MAX_ROWS, assert_engines_match_pytorch, quiet
 
 from nuwaxl.build import build
 from nuwaxl.cli import main
-from nuwaxl.config import ModelConfig
+from nuwaxl.config import ModelConfig, preset
 from nuwaxl.engine import tensorrt_backend
 from nuwaxl.engine.directory import load_engines, read_manifest
 from nuwaxl.errors import UserError
@@ -123,6 +123,44 @@ def test_onnxruntime_vae_fusions_turn_every_group_norm_into_its_fused_op(ort_dir
     ops = [n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node]
     assert norms > 0 and ops.count("GroupNorm") + ops.count("SkipGroupNorm") == norms
     assert "InstanceNormalization" not in ops and facts["fused_ops"].get("NhwcConv", 0) > 0
+
+
+@pytest.mark.parametrize("name", ["unet_step", "vae_decoder"])
+def test_fused_exports_keep_temporal_convs_and_self_attention_channels_last(tmp_path, name):
+    """A CUDA build's export (`export_fused`: temporal convolutions "frames-as-height", self-attention keys and values
+    handed to MultiHeadAttention unsplit): every convolution becomes NhwcConv, no 5-D transpose is left, and no key
+    or value of the fused attention comes out of a Transpose. Fails if the export goes back to the Conv3d between
+    transposes or to split keys (transposes were 13% of the fused paper step before)."""
+    import copy
+
+    from nuwaxl.engine.onnxruntime_backend import FUSED_ATTENTION, GRAPH_FUSIONS, export_fused
+    from nuwaxl.export.onnx_export import ort_attention, sample_inputs
+    from nuwaxl.models.checkpoint import NuwaModels
+    from nuwaxl.models.layers import TemporalConv
+    from nuwaxl.models.networks import networks
+
+    config = preset("tiny")
+    module = networks(NuwaModels.random(config, seed=0))[name].eval()
+    spec = io_specs(config, "fp32", MAX_ROWS)[name]
+    sample = sample_inputs(spec, 2, torch.device("cpu"), torch.float32, config.text.vocab_size,
+                           torch.Generator().manual_seed(1))
+    dst = tmp_path / f"{name}.onnx"
+    facts = export_fused(copy.deepcopy(module), spec, dst, sample,
+                         ort_attention() if name in FUSED_ATTENTION else None, GRAPH_FUSIONS[name], fp16=True)
+    graph = onnx.load(str(dst)).graph
+    made = {o: n for n in graph.node for o in n.output}
+    temporal = sum(isinstance(m, TemporalConv) for m in module.modules())
+    convs = [n.op_type for n in graph.node if n.op_type in ("Conv", "NhwcConv")]
+    assert temporal > 0 and facts["temporal_conv"] == "frames-as-height"
+    assert set(convs) == {"NhwcConv"} and len(convs) == facts["fused_ops"]["NhwcConv"] > temporal
+    perms = [[a.ints for a in n.attribute if a.name == "perm"][0] for n in graph.node if n.op_type == "Transpose"]
+    assert perms and all(len(p) < 5 for p in perms)
+    attention = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(attention) == facts["fused_ops"].get("MultiHeadAttention", 0)
+    assert (len(attention) > 0) == (name in FUSED_ATTENTION)
+    for n in attention:
+        for kv in n.input[1:3]:
+            assert kv not in made or made[kv].op_type != "Transpose", n.name
 
 
 def test_repeated_identical_casts_are_dropped_and_others_kept():
@@ -387,7 +425,6 @@ def test_build_command_reports_stages_and_reuses_cached_work(ort_dir, capsys):
 
 def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
     """Models over the threshold (1 GiB; the paper UNet is 2.2 GB in fp16) store weights beside the graph."""
-    from nuwaxl.config import preset
     from nuwaxl.engine.onnxruntime_backend import OrtEngine
     from nuwaxl.export import onnx_export
     from nuwaxl.models.checkpoint import NuwaModels
@@ -409,7 +446,6 @@ def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
 def test_vae_peak_elements_formula_matches_the_modules():
     """`peak_elements_per_row` is what bounds ONNX Runtime's and TensorRT's T-KLVAE rows (32-bit indexing): it
     must be the largest tensor the networks really make, measured here with hooks on every submodule."""
-    from nuwaxl.config import preset
     from nuwaxl.iospec import peak_elements_per_row
     from nuwaxl.models.checkpoint import NuwaModels
     from nuwaxl.models.networks import networks

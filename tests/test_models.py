@@ -15,6 +15,7 @@ from nuwaxl.models.checkpoint import (
     save_checkpoint,
     with_sampling,
 )
+from nuwaxl.models.layers import TemporalConv, temporal_conv_layout
 from nuwaxl.models.unet import ConditionInjection, MaskUNet3D
 from nuwaxl.models.vae import TKLVAE
 
@@ -79,6 +80,30 @@ def test_unet_temporal_layers_are_identity_at_init():
     copy_shared(spatial, full)
     inputs = unet_inputs()
     assert torch.equal(full(*inputs), spatial(*inputs))
+
+
+@torch.no_grad()
+def test_temporal_conv_layouts_compute_the_same_function():
+    """"frames-as-height" (the layout ONNX Runtime's channels-last graphs are exported with) is the same convolution
+    as the Conv3d, with the same weights; the context puts every layer back."""
+    torch.manual_seed(0)
+    vae = TKLVAE(TINY.vae).eval()
+    for m in vae.modules():
+        if isinstance(m, TemporalConv):
+            m.conv.weight.normal_(std=0.1)
+            m.conv.bias.normal_(std=0.1)
+    video = torch.randn(1, L, 3, RES, RES)
+    volume = vae.encode(video)[0]
+    names = sorted(n for n, _ in vae.named_parameters())
+    with temporal_conv_layout(vae, "frames-as-height"):
+        rows = vae.encode(video)[0]
+        assert any(n.endswith("frames_conv.weight") for n, _ in vae.named_parameters())
+    assert sorted(n for n, _ in vae.named_parameters()) == names
+    assert all(m.layout == "volume" for m in vae.modules() if isinstance(m, TemporalConv))
+    torch.testing.assert_close(rows, volume, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="frames-as-height"):
+        with temporal_conv_layout(vae, "nhwc"):
+            pass
 
 
 @torch.no_grad()
