@@ -39,9 +39,10 @@ def serve(pipe, data: Path, max_active: int, max_queue: int):
     """The server on a free localhost port, in a thread; returns (server, base url, stop)."""
     import uvicorn
 
-    from nuwaxl.serve import Server, create_app
+    from nuwaxl.serve import Server, create_app, default_warm_rows
 
-    server = Server(pipe, data, max_queue=max_queue, max_active=max_active)
+    server = Server(pipe, data, max_queue=max_queue, max_active=max_active,
+                    warm_rows=default_warm_rows(max_active, pipe.nets.spec.device))  # as `trt-nuwaxl serve` does
     port = free_port()
     web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=web.run, daemon=True)

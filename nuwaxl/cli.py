@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nuwaxl.config import LARGE_VIDEO_FRAMES, SAMPLERS
 from nuwaxl.engine.registry import BACKENDS, ENGINE_TORCH_MODES
-from nuwaxl.errors import UserError, speaking_to_cli
+from nuwaxl.errors import UserError, option, speaking_to_cli
 from nuwaxl.iospec import ELEMENT_TYPES, ENGINE_PRECISIONS
 
 PRESET_NAMES = ("tiny", "small", "paper")
@@ -447,6 +447,9 @@ def add_serve(sub) -> None:
     p.add_argument("--max-queue", type=positive_int, default=16, help="jobs waiting at most (more: HTTP 429)")
     p.add_argument("--max-active", type=positive_int, default=4,
                    help="jobs running at once, their denoising steps batched into one model call")
+    p.add_argument("--warm-rows", type=int, default=None,
+                   help="before serving, capture the batched denoising step's CUDA graphs for every row bucket up "
+                        "to this many rows (default on a GPU: twice --max-active, one guided call per job; 0: none)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -454,12 +457,19 @@ def cmd_serve(args) -> None:
     try:
         import uvicorn
 
-        from nuwaxl.serve import Server, create_app
+        from nuwaxl.serve import Server, create_app, default_warm_rows
     except ImportError as e:
         raise UserError(f"serving needs the serve extra ({e.name} is missing): pip install \".[serve]\"") from None
     source = weights_source(args)
     note_random_weights(source.card(), "serving")
-    server = Server(load_pipeline(args, source), args.data, args.max_queue, args.max_active)
+    pipeline = load_pipeline(args, source)
+    warm = args.warm_rows if args.warm_rows is not None else \
+        default_warm_rows(args.max_active, pipeline.nets.spec.device)
+    if warm < 0:
+        raise UserError(f"{option('warm_rows', warm)}: use 0 (no warm-up) or more rows")
+    if warm:
+        print(f"capturing the denoising step for up to {warm} rows before serving", file=sys.stderr)
+    server = Server(pipeline, args.data, args.max_queue, args.max_active, warm_rows=warm)
     print(f"serving on http://{args.host}:{args.port} (jobs in {server.data})", file=sys.stderr)
     try:
         uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")

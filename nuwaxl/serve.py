@@ -34,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import torch
 from fastapi import FastAPI, HTTPException, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from PIL import Image
@@ -180,13 +181,20 @@ class FrameOutput:
         self.mp4.join()
 
 
+def default_warm_rows(max_active: int, device) -> int:
+    """Rows whose merged-step buckets a server captures before serving unless told: one guided call per active job
+    on a GPU (CUDA graphs), none on the CPU (nothing to capture)."""
+    return 2 * max_active if torch.device(device).type == "cuda" else 0
+
+
 class Server:
     """The pipeline (its networks shared by the workers, steps merged), the job store, the queue and the workers."""
 
     def __init__(self, pipeline, data_dir: str | Path, max_queue: int = 16, max_active: int = 4,
-                 start: bool = True):
+                 start: bool = True, warm_rows: int = 0):
         """`max_active`: jobs that run at once (their steps batched together); `start`: run the workers (False:
-        jobs are accepted and recorded, none runs; for tests)."""
+        jobs are accepted and recorded, none runs; for tests); `warm_rows`: capture the merged denoising step's
+        row buckets up to this many rows before serving (`SharedNetworks.warm`)."""
         if max_active < 1:
             raise UserError(f"max_active {max_active}: at least one job must be able to run; use 1 or more")
         self.data = Path(data_dir)
@@ -219,6 +227,8 @@ class Server:
                                   buckets=step_buckets, registry=self.registry)
         self.queue_depth.set(len(self.queue))
         self.pipeline = type(pipeline)(SharedNetworks(pipeline.nets, on_merged=self._merged))
+        if warm_rows:
+            self.pipeline.nets.warm(warm_rows)
         self.workers = [threading.Thread(target=self._work, name=f"nuwaxl-worker-{i}", daemon=True)
                         for i in range(max_active)]
         if start:

@@ -20,6 +20,14 @@ failed, and the step runs again in smaller groups of jobs, so only a job whose o
 and its pipeline halves its batch as it does alone; no job fails for sharing a step. (The limit stays for the life of
 the process: later steps do not run out of memory again and again.)
 
+Row buckets: a merged call of several jobs is padded (with copies of its first row, whose outputs are dropped) up to
+the next power of two, or to the engine's largest batch, so that a busy server meets a few shapes, not every row
+count (a job alone runs its own rows, as the pipeline does, and gets exactly its lone video): each
+new shape costs a CUDA-graph capture, and ONNX Runtime also searches cuDNN's convolution algorithms for it (several
+seconds per new shape for the paper UNet on an H200: 16 concurrent 16-frame jobs took 42 s batched against 7.9 s one
+at a time, benchmarks/results/serve-load-paper-16f-ort-h200-a2ab2ef.json). `warm(rows)` captures the buckets up to
+`rows` before the first request.
+
 Fairness: every sampling job advances one step per merged call, so a short job that arrives while a long one runs
 joins the next step instead of waiting for the long one to end (continuous batching, as vLLM does for tokens).
 How many jobs run at once is the server's `max_active`; the rest wait in FIFO order.
@@ -38,6 +46,21 @@ import torch
 from nuwaxl.engine.base import EngineNetworks
 
 POLL_S = 0.001  # how often a job that waited `wait_s` looks whether the GPU has gone idle
+
+
+def bucket_rows(rows: int, max_rows: int | None) -> int:
+    """The rows a merged call of `rows` rows runs as: the next power of two, at most the engine's `max_rows` (larger
+    calls are split by the engine into `max_rows` chunks and a remainder, which is bucketed the same way)."""
+    if max_rows is None or rows <= max_rows:
+        return min(1 << (rows - 1).bit_length(), max_rows or rows << 1)
+    full, rest = divmod(rows, max_rows)
+    return full * max_rows + (bucket_rows(rest, max_rows) if rest else 0)
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` with copies of its first row appended up to `rows` rows."""
+    extra = rows - t.shape[0]
+    return t if extra == 0 else torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
 
 
 @dataclass(frozen=True)
@@ -109,6 +132,9 @@ class SharedNetworks:
         self._row_limit: int | None = None  # most rows per merged call, once one ran out of memory (never raised)
         self._last_start: float | None = None  # perf_counter at the previous merged call's start
         self._last_gpu: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # its start and end on the GPU
+        step = (nets.engines or {}).get("unet_step")
+        # the step engine's largest batch (None: live modules, any batch)
+        self.max_rows = step.spec.batch_max if step is not None and step.spec is not None else None
 
     def _gpu_idle(self) -> bool:
         """The last merged call has finished on the GPU (always, on the CPU)."""
@@ -229,14 +255,17 @@ class SharedNetworks:
             if began is not None:
                 began.record(stream)
             composition = tuple(a.job for a in merged)  # the jobs themselves: an id could be reused
+            rows = sum(j.rows for j in composition)
+            padded = rows if len(composition) == 1 else \
+                max(rows, min(bucket_rows(rows, self.max_rows), self._row_limit or rows << 1))
             if self._bound is None or self._bound[0] != composition:
                 first = composition[0].prepared
-                fixed = first if len(composition) == 1 else \
-                    {k: torch.cat([j.prepared[k] for j in composition]) for k in first}
+                fixed = {k: _pad_rows(torch.cat([j.prepared[k] for j in composition]) if len(composition) > 1
+                                      else first[k], padded) for k in first}
                 self._bound = (composition, self.inner._bind("unet_step", fixed))
             x_t = torch.cat([a.x_t for a in merged]) if len(merged) > 1 else merged[0].x_t
             t = torch.cat([a.t for a in merged]) if len(merged) > 1 else merged[0].t
-            eps = self._bound[1]({"x_t": x_t, "timesteps": t})["eps"]
+            eps = self._bound[1]({"x_t": _pad_rows(x_t, padded), "timesteps": _pad_rows(t, padded)})["eps"]
             done = None
             if stream is not None:
                 done = torch.cuda.Event(enable_timing=True)
@@ -248,3 +277,24 @@ class SharedNetworks:
                 start += a.job.rows
         if self.on_merged is not None:
             self.on_merged(MergedCall(start, len(merged), since_last, previous_gpu))
+
+    def warm(self, rows: int) -> list[int]:
+        """Run one denoising step at every row bucket up to `rows` (zero inputs), so that their CUDA graphs are
+        captured before the first request; returns the buckets."""
+        spec = self.spec
+        L = spec.frames_per_call or spec.config.frames_per_call
+        c, h, w = spec.latent_shape
+        text = spec.config.text
+        buckets = sorted({bucket_rows(r, self.max_rows) for r in range(1, rows + 1)})
+        for b in buckets:
+            zeros = {"context": torch.zeros(b, L, text.max_length, text.hidden_size, device=spec.device,
+                                            dtype=spec.dtype),
+                     "cond": torch.zeros(b, L, c, h, w, device=spec.device, dtype=spec.dtype),
+                     "mask": torch.zeros(b, L, 1, h, w, device=spec.device, dtype=spec.dtype)}
+            job = self.denoiser(**zeros)
+            try:
+                job(torch.zeros(b, L, c, h, w, device=spec.device, dtype=spec.dtype),
+                    torch.zeros(b, device=spec.device, dtype=torch.int64))
+            finally:
+                job.close()
+        return buckets

@@ -8,7 +8,7 @@ import warnings
 import torch
 from conftest import STORY, frame_diff
 
-from nuwaxl.runtime.batching import SharedNetworks
+from nuwaxl.runtime.batching import SharedNetworks, bucket_rows
 from nuwaxl.runtime.pipeline import Pipeline
 
 A = dict(num_frames=40, frames_per_call=8, num_inference_steps=4, seed=3, progress=False)
@@ -68,6 +68,49 @@ class _StubNets:
 
     def _bind(self, name, fixed):
         return lambda feeds: {"eps": 2 * feeds["x_t"] + fixed["p"]}
+
+
+def test_row_buckets_are_powers_of_two_up_to_the_engines_largest_batch():
+    assert [bucket_rows(r, 69) for r in (1, 2, 3, 5, 9, 17, 33, 64, 65, 69)] == [1, 2, 4, 8, 16, 32, 64, 64, 69, 69]
+    assert [bucket_rows(r, 4) for r in (3, 4, 5, 7, 9)] == [4, 4, 5, 8, 9]  # above it: chunks of 4 and a bucket
+    assert [bucket_rows(r, None) for r in (1, 3, 100)] == [1, 4, 128]
+
+
+def test_merged_steps_run_at_bucketed_rows_and_each_job_gets_its_own(monkeypatch):
+    """Three one-row jobs merge into one call of 4 rows (the 4th a copy of the first, dropped): a busy server meets
+    few shapes, so few CUDA-graph captures (several seconds each with ONNX Runtime)."""
+    nets = _StubNets()
+    seen = []
+    bind = nets._bind
+    monkeypatch.setattr(nets, "_bind", lambda name, fixed: (seen.append(fixed["p"].shape[0]), bind(name, fixed))[1])
+    shared = SharedNetworks(nets, wait_s=1.0)
+    merged = []
+    shared.on_merged = lambda call: merged.append((call.rows, call.jobs))
+    jobs = [shared.denoiser(None, torch.zeros(1), None) for _ in range(3)]
+    out = {}
+
+    def ask(i):
+        out[i] = jobs[i](torch.full((1,), float(i)), torch.zeros(1))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert merged == [(3, 3)] and seen == [4]
+    assert [out[i].tolist() for i in range(3)] == [[1.0], [3.0], [5.0]]
+
+
+def test_warm_captures_every_row_bucket_before_the_first_request(tiny_pipe, monkeypatch):
+    rows = []
+    bind = tiny_pipe.nets._bind
+
+    def recording(name, fixed):
+        run = bind(name, fixed)
+        return lambda feeds: (rows.append(feeds["x_t"].shape[0]), run(feeds))[1]
+
+    monkeypatch.setattr(tiny_pipe.nets, "_bind", recording)
+    assert SharedNetworks(tiny_pipe.nets).warm(5) == [1, 2, 4, 8] and rows == [1, 2, 4, 8]
 
 
 def test_a_late_job_still_joins_the_step_while_the_gpu_is_busy(monkeypatch):
