@@ -163,6 +163,38 @@ def test_fused_exports_keep_temporal_convs_and_self_attention_channels_last(tmp_
             assert kv not in made or made[kv].op_type != "Transpose", n.name
 
 
+def test_onnxruntime_sessions_on_a_gpu_run_on_one_thread_whoever_calls(monkeypatch):
+    """ONNX Runtime's CUDA provider keeps captured graphs per calling thread; the engine hands every run to its own
+    thread (`OrtEngine.runner`), so callers on any thread share one set of graphs."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nuwaxl.engine.onnxruntime_backend import OrtEngine
+
+    ran_on = set()
+
+    class Session:
+        def run_with_iobinding(self, binding, options):
+            ran_on.add(threading.get_ident())
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    engine = OrtEngine.__new__(OrtEngine)
+    engine.session, engine.stream, engine.device = Session(), Stream(), torch.device("cuda")
+    engine.runner = ThreadPoolExecutor(1)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    callers = [threading.Thread(target=engine._on_stream, args=(None, None, [])) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=10)
+    engine._on_stream(None, None, [])
+    assert len(ran_on) == 1 and threading.get_ident() not in ran_on and \
+        not ran_on & {t.ident for t in callers}
+
+
 def test_repeated_identical_casts_are_dropped_and_others_kept():
     """ONNX Runtime 1.31's float16 tool gives one Resize `scales` value read by two Resize nodes two identical Casts
     (same node and output name), a graph ONNX Runtime refuses to load."""

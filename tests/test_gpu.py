@@ -150,3 +150,45 @@ def test_concurrent_jobs_with_captures_in_flight_all_finish():
         t.join(timeout=600)
     assert not errors, errors[0]
     assert sorted(done) == [0, 1, 2, 3]
+
+
+def test_onnxruntime_graphs_captured_once_serve_every_thread(tmp_path):
+    """ONNX Runtime keeps CUDA graphs per calling thread: the engine runs its session on one thread of its own, so a
+    graph captured from one thread replays, with the same output, when other threads call (as a server's merged
+    steps do), and no thread starts a capture of its own (which would take far longer than a replay)."""
+    import threading
+    import time
+
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
+    from nuwaxl.build import build
+    from nuwaxl.engine.directory import load_engines
+    from nuwaxl.export.onnx_export import sample_inputs
+
+    out = tmp_path / "tiny-ort"
+    build(out, "onnxruntime", "fp16", 4, preset_name="tiny", device="cuda", progress=False, log=lambda m: None)
+    nets = load_engines(out, device="cuda")
+    engine = nets.engines["unet_step"]
+    assert nets.spec.cuda_graphs == "on"
+    feeds = sample_inputs(engine.spec, 2, torch.device("cuda"), torch.float16, 900, torch.Generator().manual_seed(0))
+    first = engine.run(feeds)["eps"].clone()  # captured here, on this thread
+    t0 = time.perf_counter()
+    engine.run(feeds)
+    torch.cuda.synchronize()
+    replay_s = time.perf_counter() - t0
+    outs, times = {}, {}
+
+    def call(i):
+        t = time.perf_counter()
+        outs[i] = engine.run(feeds)["eps"]
+        torch.cuda.synchronize()
+        times[i] = time.perf_counter() - t
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(torch.equal(outs[i], first) for i in range(4))
+    assert max(times.values()) < 20 * replay_s + 0.05, (times, replay_s)
