@@ -74,8 +74,8 @@ class OrtEngine:
     ONNX Runtime's CUDA provider keeps its captured graphs (and its warm-up run counts) per calling thread, so on a
     GPU one thread of the engine's own runs the session, whichever thread calls: a server's merged steps, led by a
     different job's thread each time, replay the graphs captured once instead of capturing again in every thread
-    (16 concurrent 16-frame requests took 42 s against 7.9 s one at a time before, on an H200:
-    benchmarks/results/serve-load-paper-16f-ort-h200-*.json)."""
+    (measured before this change, paper engines on an H200: 16 concurrent 16-frame requests took 42 s against 7.9 s
+    one at a time, benchmarks/results/serve-load-paper-16f-ort-h200-*.json; not measured since)."""
 
     def __init__(self, onnx_path: str | Path, spec: IOSpec, device: torch.device, cuda_graphs: bool = True,
                  cuda_options: dict[str, str] | None = None):

@@ -22,11 +22,9 @@ the process: later steps do not run out of memory again and again.)
 
 Row buckets: a merged call of several jobs is padded (with copies of its first row, whose outputs are dropped) up to
 the next power of two, or to the engine's largest batch, so that a busy server meets a few shapes, not every row
-count (a job alone runs its own rows, as the pipeline does, and gets exactly its lone video): each
-new shape costs a CUDA-graph capture, and ONNX Runtime also searches cuDNN's convolution algorithms for it (several
-seconds per new shape for the paper UNet on an H200: 16 concurrent 16-frame jobs took 42 s batched against 7.9 s one
-at a time, benchmarks/results/serve-load-paper-16f-ort-h200-a2ab2ef.json). `warm(rows)` captures the buckets up to
-`rows` before the first request.
+count (a job alone runs its own rows, as the pipeline does, and gets exactly its lone video): each new shape costs
+warm-up runs and a CUDA-graph capture while the other jobs wait. `warm(rows)` captures the buckets up to `rows` before
+the first request (not counted in `on_merged`).
 
 Fairness: every sampling job advances one step per merged call, so a short job that arrives while a long one runs
 joins the next step instead of waiting for the long one to end (continuous batching, as vLLM does for tokens).
@@ -281,11 +279,19 @@ class SharedNetworks:
     def warm(self, rows: int) -> list[int]:
         """Run one denoising step at every row bucket up to `rows` (zero inputs), so that their CUDA graphs are
         captured before the first request; returns the buckets."""
+        buckets = sorted({bucket_rows(r, self.max_rows) for r in range(1, rows + 1)})
+        on_merged, self.on_merged = self.on_merged, None  # not a request's step: kept out of the metrics
+        try:
+            self._warm(buckets)
+        finally:
+            self.on_merged = on_merged
+        return buckets
+
+    def _warm(self, buckets: list[int]) -> None:
         spec = self.spec
         L = spec.frames_per_call or spec.config.frames_per_call
         c, h, w = spec.latent_shape
         text = spec.config.text
-        buckets = sorted({bucket_rows(r, self.max_rows) for r in range(1, rows + 1)})
         for b in buckets:
             zeros = {"context": torch.zeros(b, L, text.max_length, text.hidden_size, device=spec.device,
                                             dtype=spec.dtype),
@@ -297,4 +303,3 @@ class SharedNetworks:
                     torch.zeros(b, device=spec.device, dtype=torch.int64))
             finally:
                 job.close()
-        return buckets
