@@ -55,10 +55,13 @@ def bucket_rows(rows: int, max_rows: int | None) -> int:
     return full * max_rows + (bucket_rows(rest, max_rows) if rest else 0)
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """`t` with copies of its first row appended up to `rows` rows."""
-    extra = rows - t.shape[0]
-    return t if extra == 0 else torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
+def _rows(parts: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """`parts` concatenated along the batch, then copies of the first row up to `rows` rows: one copy at most (none
+    for a lone unpadded part)."""
+    extra = rows - sum(t.shape[0] for t in parts)
+    if extra:
+        parts = [*parts, parts[0][:1].expand(extra, *parts[0].shape[1:])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass(frozen=True)
@@ -257,13 +260,10 @@ class SharedNetworks:
             padded = rows if len(composition) == 1 else \
                 max(rows, min(bucket_rows(rows, self.max_rows), self._row_limit or rows << 1))
             if self._bound is None or self._bound[0] != composition:
-                first = composition[0].prepared
-                fixed = {k: _pad_rows(torch.cat([j.prepared[k] for j in composition]) if len(composition) > 1
-                                      else first[k], padded) for k in first}
+                fixed = {k: _rows([j.prepared[k] for j in composition], padded) for k in composition[0].prepared}
                 self._bound = (composition, self.inner._bind("unet_step", fixed))
-            x_t = torch.cat([a.x_t for a in merged]) if len(merged) > 1 else merged[0].x_t
-            t = torch.cat([a.t for a in merged]) if len(merged) > 1 else merged[0].t
-            eps = self._bound[1]({"x_t": _pad_rows(x_t, padded), "timesteps": _pad_rows(t, padded)})["eps"]
+            eps = self._bound[1]({"x_t": _rows([a.x_t for a in merged], padded),
+                                  "timesteps": _rows([a.t for a in merged], padded)})["eps"]
             done = None
             if stream is not None:
                 done = torch.cuda.Event(enable_timing=True)
