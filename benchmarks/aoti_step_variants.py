@@ -1,8 +1,10 @@
 """Experiment: which AOTInductor `unet_step` package is fastest, per batch size (GPU, paper preset by default).
 
-Variants: a package compiled for a dynamic batch (2..max, the largest as the size hint: what `build` made up to
-git 4962023) or for one static batch; 2-D convolution weights row-major (NCHW, what `build` stored) or channels-last
-(NHWC, what the live torch modes use). Packages are compiled in parallel processes (`--jobs`), then each one is
+Variants, named `<dyn|sN>-<nchw|nhwc>[-fah]`: a package compiled for a dynamic batch (2..max, the largest as the
+size hint: what `build` made up to git 4962023) or for one static batch; 2-D convolution weights row-major (NCHW, what
+`build` stored) or channels-last (NHWC, what the live torch modes use); temporal convolutions as exported by default
+(a Conv3d on (B, C, L, H, W)) or, with `-fah`, "frames-as-height" (`models.layers.temporal_conv_layout`).
+Packages are compiled in parallel processes (`--jobs`), then each one is
 timed alone in this process as a CUDA graph replay (the runtime's `capture_run`), beside the live module (eager
 kernels, channels-last, CUDA graph), and its output compared with the live module's.
 
@@ -43,6 +45,9 @@ def models_and_spec(preset: str, rows: int, layout: str, network: str = "unet_st
     return networks(models)[network], io_specs(config, PRECISION, rows)[network], config
 
 
+TEMPORAL = {"": "volume", "fah": "frames-as-height"}  # variant suffix -> TemporalConv layout
+
+
 def feeds(spec, batch, config):
     from nuwaxl.export.onnx_export import sample_inputs
 
@@ -51,17 +56,20 @@ def feeds(spec, batch, config):
 
 
 def compile_variant(name: str, preset: str, rows: int, folder: Path) -> dict:
-    """One package: name = <dyn|sN>-<nchw|nhwc>; its constants saved beside it (torch.save keeps strides)."""
-    from nuwaxl.engine.torch_backend import aoti_compile
+    """One package: name = <dyn|sN>-<nchw|nhwc>[-fah]; its constants saved beside it (torch.save keeps strides)."""
+    from nuwaxl.engine.torch_backend import aoti_compile, channels_last_convs
     from nuwaxl.export.onnx_export import dynamic_shapes
+    from nuwaxl.models.layers import temporal_conv_layout
 
-    shape, layout = name.split("-")
+    shape, layout, *temporal = name.split("-")
     module, spec, config = models_and_spec(preset, rows, layout)
     batch = rows if shape == "dyn" else int(shape[1:])
     dim = torch.export.Dim("batch", min=2, max=rows) if shape == "dyn" else None
     x = feeds(spec, batch, config)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), temporal_conv_layout(module, TEMPORAL["".join(temporal)]):
+        if layout == "nhwc":  # the (k, 1) convolutions made for "frames-as-height" too
+            channels_last_convs(module)
         program = torch.export.export(module, tuple(x[t.name] for t in spec.inputs),
                                       dynamic_shapes=dynamic_shapes(module, spec, dim) if dim else None)
         aoti_compile(program, folder / f"{name}.pt2")
