@@ -26,6 +26,7 @@ from nuwaxl.engine.registry import TORCH_MODES, TorchMode
 from nuwaxl.errors import UserError, option
 from nuwaxl.files import write_bytes
 from nuwaxl.iospec import IOSpec
+from nuwaxl.models.layers import temporal_conv_layout
 
 # How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
 CUDA_GRAPHS = "captured with torch.cuda.graph, one graph per batch shape (packages load with run_single_threaded)"
@@ -181,8 +182,14 @@ STATIC_ROWS = {"unet_prepare": ("min",), "unet_step": ("min", "max"), "vae_encod
 # the package's .so (a 2 GB .so for the paper UNet) but kept once per network in NET.safetensors and handed to
 # every package of that network as user-managed constants (one copy on the GPU); compiled with the largest batch
 # as the size hint. v3: STATIC_ROWS packages; on a GPU, 2-D convolution weights channels-last (NHWC), as the live
-# torch modes run them (paper unet_step, 1 row: 8.76 -> 8.0 ms per step).
-PACKAGING = 3
+# torch modes run them (paper unet_step, 1 row: 8.76 -> 8.0 ms per step). v4: TEMPORAL_CONV.
+PACKAGING = 4
+# How the packages run temporal convolutions (`models.layers.TemporalConv.LAYOUTS`): "frames-as-height", a (k, 1)
+# 2-D convolution on the channels-last hidden state read as (B, L, H*W, C), instead of a Conv3d on (B, C, L, H, W)
+# with layout copies around it. Measured on an H200 (paper unet_step, fp16 static packages, CUDA-graph replay, both
+# layouts within 8.7e-4 of the live module; benchmarks/results/aoti-step-variants-h200-d590817.json): 1 row 8.01 ->
+# 5.74 ms per step, 69 rows 164.0 -> 152.1 ms. Tiny preset, fp32 on our 2-core CPU: 7.5 -> 5.5 ms at 2 rows.
+TEMPORAL_CONV = "frames-as-height"
 
 
 def static_rows(name: str, spec: IOSpec) -> tuple[int, ...]:
@@ -445,8 +452,6 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
         return {"packages": files(job.out, name)}
     names = [t.name for t in spec.inputs]
     dtype = next(module.parameters()).dtype
-    if job.device.type == "cuda":  # the layout the live torch modes run (PACKAGING v3); the weights file keeps it
-        channels_last_convs(module)
     t0 = time.perf_counter()
     lowest = max(spec.batch_min, AOTI_MIN_BATCH)
     dynamic = spec.batch_max > lowest  # a package for a single batch size (1 or 2 rows) is static
@@ -454,7 +459,9 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     # Compiled with the largest batch as the example: Inductor picks kernel configurations for the example's
     # sizes, and the largest batches (a whole level of a long video) are where the time goes.
     sample = job.sample(spec, spec.batch_max, dtype)
-    with torch.no_grad():
+    with torch.no_grad(), temporal_conv_layout(module, TEMPORAL_CONV):
+        if job.device.type == "cuda":  # the layout the live torch modes run (PACKAGING v3), the (k, 1) temporal
+            channels_last_convs(module)  # convolutions too; the weights file keeps it
         program = torch.export.export(module, tuple(sample[n] for n in names),
                                       dynamic_shapes=dynamic_shapes(module, spec, batch))
         aoti_compile(program, paths["package"])
@@ -473,8 +480,8 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
                                 batches=sorted({*asked, *extra}))
     write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": job.weights_id,
                               "precision": job.precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
-                              "packaging": PACKAGING, "device": str(job.device), "torch": torch.__version__,
-                              "parity": result})
+                              "packaging": PACKAGING, "temporal_conv": TEMPORAL_CONV, "device": str(job.device),
+                              "torch": torch.__version__, "parity": result})
     check_parity(name, result, man_path)
     job.log(f"{name}: AOTInductor package compiled in {compile_s} s, {parity_text(result)}")
     return {"packages": files(job.out, name)}

@@ -61,6 +61,17 @@ def test_weights_are_stored_once_beside_code_only_packages(aoti_dir):
     assert files["text_encoder"] == ["torch/text_encoder.pt2"]
 
 
+def test_temporal_convolutions_are_compiled_frames_as_height(aoti_dir):
+    """Packages run temporal convolutions as (k, 1) 2-D convolutions on the channels-last hidden state
+    (`torch_backend.TEMPORAL_CONV`, measured faster on an H200), not as the modules' Conv3d; the weights file holds
+    the 2-D weights they ask for, and parity (above) holds."""
+    for name in ("unet_step", "vae_encoder", "vae_decoder"):
+        assert json.loads((aoti_dir / "torch" / f"{name}.json").read_text())["temporal_conv"] == "frames-as-height"
+        weights = load_file(aoti_dir / "torch" / f"{name}.safetensors")
+        convs = {k: v for k, v in weights.items() if k.endswith(("temporal.conv.weight", "frames_conv.weight"))}
+        assert convs and all(k.endswith("frames_conv.weight") and v.dim() == 4 for k, v in convs.items()), name
+
+
 def test_each_row_count_runs_its_package(aoti_dir):
     """1 row and the largest batch go through their static packages, the rest through the dynamic one; lone
     calls of a network without a static one are padded to 2 rows."""

@@ -190,5 +190,8 @@ def test_onnxruntime_graphs_captured_once_serve_every_thread(tmp_path):
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert all(torch.equal(outs[i], first) for i in range(4))
+    # not bitwise: ONNX Runtime's fused GroupNorm sums with atomicAdd across blocks (contrib_ops/cuda/diffusion/
+    # group_norm_impl.cu), so two replays of one graph can differ in the last bits (a bitwise check failed on an H200)
+    scale = first.float().abs().max()
+    assert all((outs[i].float() - first.float()).abs().max() <= 1e-3 * scale for i in range(4))
     assert max(times.values()) < 20 * replay_s + 0.05, (times, replay_s)
