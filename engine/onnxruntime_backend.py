@@ -74,8 +74,10 @@ class OrtEngine:
     ONNX Runtime's CUDA provider keeps its captured graphs (and its warm-up run counts) per calling thread, so on a
     GPU one thread of the engine's own runs the session, whichever thread calls: a server's merged steps, led by a
     different job's thread each time, replay the graphs captured once instead of capturing again in every thread
-    (measured before this change, paper engines on an H200: 16 concurrent 16-frame requests took 42 s against 7.9 s
-    one at a time, benchmarks/results/serve-load-paper-16f-ort-h200-*.json; not measured since)."""
+    (paper engines on an H200, 16 concurrent 16-frame requests through the server: 42.0 s before, against 7.9 s one at
+    a time; 3.53 s after, against 7.14 s: benchmarks/results/serve-load-paper-16f-ort-h200-{a2ab2ef,d590817}.json).
+    Single-threaded runs before / after (1024 frames; after: one run, another machine): AR 25.86 / 26.51 s, DoD
+    12.93 / 12.73 s."""
 
     def __init__(self, onnx_path: str | Path, spec: IOSpec, device: torch.device, cuda_graphs: bool = True,
                  cuda_options: dict[str, str] | None = None):
