@@ -1,4 +1,5 @@
-"""Experiment: which AOTInductor `unet_step` package is fastest, per batch size (GPU, paper preset by default).
+"""Experiment: which AOTInductor package of a network (`unet_step` by default) is fastest, per batch size (GPU, paper
+preset by default).
 
 Variants, named `<dyn|sN>-<nchw|nhwc>[-fah]`: a package compiled for a dynamic batch (2..max, the largest as the
 size hint: what `build` made up to git 4962023) or for one static batch; 2-D convolution weights row-major (NCHW, what
@@ -55,14 +56,14 @@ def feeds(spec, batch, config):
                          torch.Generator().manual_seed(1))
 
 
-def compile_variant(name: str, preset: str, rows: int, folder: Path) -> dict:
+def compile_variant(name: str, preset: str, rows: int, folder: Path, network: str) -> dict:
     """One package: name = <dyn|sN>-<nchw|nhwc>[-fah]; its constants saved beside it (torch.save keeps strides)."""
     from nuwaxl.engine.torch_backend import aoti_compile, channels_last_convs
     from nuwaxl.export.onnx_export import dynamic_shapes
     from nuwaxl.models.layers import temporal_conv_layout
 
     shape, layout, *temporal = name.split("-")
-    module, spec, config = models_and_spec(preset, rows, layout)
+    module, spec, config = models_and_spec(preset, rows, layout, network)
     batch = rows if shape == "dyn" else int(shape[1:])
     dim = torch.export.Dim("batch", min=2, max=rows) if shape == "dyn" else None
     x = feeds(spec, batch, config)
@@ -108,6 +109,7 @@ def time_graph(run, static, iters: int = 20, capture=None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="paper")
+    ap.add_argument("--network", default="unet_step", help="one of nuwaxl.iospec.NETWORKS")
     ap.add_argument("--rows", default="1,69", help="batch sizes to time; the largest is the dynamic package's max")
     ap.add_argument("--variants", default="dyn-nchw,s69-nchw,s69-nhwc,dyn-nhwc,s1-nchw,s1-nhwc")
     ap.add_argument("--folder", default="/tmp/step-variants")
@@ -119,7 +121,7 @@ def main() -> None:
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     if args.compile_one:
-        print(json.dumps(compile_variant(args.compile_one, args.preset, max(rows), folder)), flush=True)
+        print(json.dumps(compile_variant(args.compile_one, args.preset, max(rows), folder, args.network)), flush=True)
         return
 
     variants = args.variants.split(",")
@@ -130,7 +132,7 @@ def main() -> None:
         while pending and len(running) < args.jobs:
             v = pending.pop(0)
             cmd = [sys.executable, __file__, "--compile-one", v, "--preset", args.preset, "--rows", args.rows,
-                   "--folder", str(folder), "--out", "-"]
+                   "--network", args.network, "--folder", str(folder), "--out", "-"]
             running.append((v, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(folder / f"{v}.log", "w"),
                                                 text=True)))
         time.sleep(2)
@@ -145,12 +147,13 @@ def main() -> None:
     from nuwaxl.engine.torch_backend import load_package, named_outputs
 
     results = []
-    ref_module, spec, config = models_and_spec(args.preset, max(rows), "nhwc")
+    ref_module, spec, config = models_and_spec(args.preset, max(rows), "nhwc", args.network)
+    output = spec.outputs[0].name
     names = [t.name for t in spec.inputs]
     for batch in rows:
         x = feeds(spec, batch, config)
         with torch.inference_mode():
-            ref = named_outputs(spec, ref_module(*(x[n] for n in names)))["eps"].float()
+            ref = named_outputs(spec, ref_module(*(x[n] for n in names)))[output].float()
             live_ms = time_graph(lambda f: named_outputs(spec, ref_module(*(f[n] for n in names))), x)
         results.append({"variant": "live-eager-nhwc-graph", "batch": batch, "median_ms": round(live_ms, 2)})
         for v in variants:
@@ -167,7 +170,7 @@ def main() -> None:
                 return named_outputs(spec, fn(*(f[n].contiguous() for n in names)))
 
             with torch.inference_mode():
-                out = run(x)["eps"].float()
+                out = run(x)[output].float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 ms = time_graph(run, x)
             results.append({"variant": v, "batch": batch, "median_ms": round(ms, 2), "rel_err_vs_live": err,
@@ -178,7 +181,7 @@ def main() -> None:
     env = {"gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", "torch": torch.__version__,
            "cuda": torch.version.cuda,
            "git_sha": os.environ.get("NUWAXL_GIT_SHA"), "driver": os.environ.get("NUWAXL_DRIVER")}
-    record = {"experiment": "AOTInductor unet_step package variants", "preset": args.preset,
+    record = {"experiment": f"AOTInductor {args.network} package variants", "preset": args.preset,
               "weights": "random (seed 0)", "precision": PRECISION, "env": env, "compile_wall_s": compile_wall,
               "compiled": compiled, "results": results}
     Path(args.out).write_text(json.dumps(record, indent=1))
