@@ -85,7 +85,7 @@ def test_memory_budget_retries_and_keeps_the_video(mode):
 @pytest.fixture(scope="module")
 def paper_aoti(tmp_path_factory):
     """The README's paper build (`trt-nuwaxl build --preset paper --backend torch --precision fp16`), 69 rows: a
-    whole level-3 batch. About seven minutes on an H200; NUWAXL_PAPER_AOTI names a directory built earlier."""
+    whole level-3 batch. 12 min 43 s on an H200 (git f3b4aad); NUWAXL_PAPER_AOTI names a directory built earlier."""
     given = os.environ.get("NUWAXL_PAPER_AOTI")
     if given:
         return given
