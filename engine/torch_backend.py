@@ -188,7 +188,8 @@ PACKAGING = 4
 # 2-D convolution on the channels-last hidden state read as (B, L, H*W, C), instead of a Conv3d on (B, C, L, H, W)
 # with layout copies around it. Measured on an H200 (paper unet_step, fp16 static packages, CUDA-graph replay, both
 # layouts within 8.7e-4 of the live module; benchmarks/results/aoti-step-variants-h200-d590817.json): 1 row 8.01 ->
-# 5.74 ms per step, 69 rows 164.0 -> 152.1 ms. Tiny preset, fp32 on our 2-core CPU: 7.5 -> 5.5 ms at 2 rows.
+# 5.74 ms per step, 69 rows 164.0 -> 152.1 ms. Tiny preset, fp32 on our 2-core CPU: 7.5 -> 5.5 ms at 2 rows
+# (aoti-step-variants-tiny-cpu-d590817.json).
 TEMPORAL_CONV = "frames-as-height"
 
 
