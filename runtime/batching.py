@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nuwaxl.dtypes import TORCH_DTYPES, precision_name
 from nuwaxl.engine.base import EngineNetworks
+from nuwaxl.iospec import io_specs
 
 POLL_S = 0.001  # how often a job that waited `wait_s` looks whether the GPU has gone idle
 
@@ -288,18 +290,18 @@ class SharedNetworks:
         return buckets
 
     def _warm(self, buckets: list[int]) -> None:
+        """One step per bucket on zero inputs shaped by the networks' I/O specs."""
         spec = self.spec
-        L = spec.frames_per_call or spec.config.frames_per_call
-        c, h, w = spec.latent_shape
-        text = spec.config.text
+        specs = io_specs(spec.config, precision_name(spec.dtype), max(buckets), spec.frames_per_call)
+
+        def zeros(name: str, rows: int) -> dict[str, torch.Tensor]:
+            return {t.name: torch.zeros(t.concrete(rows), dtype=TORCH_DTYPES[t.dtype], device=spec.device)
+                    for t in specs[name].inputs}
+
         for b in buckets:
-            zeros = {"context": torch.zeros(b, L, text.max_length, text.hidden_size, device=spec.device,
-                                            dtype=spec.dtype),
-                     "cond": torch.zeros(b, L, c, h, w, device=spec.device, dtype=spec.dtype),
-                     "mask": torch.zeros(b, L, 1, h, w, device=spec.device, dtype=spec.dtype)}
-            job = self.denoiser(**zeros)
+            job = self.denoiser(**zeros("unet_prepare", b))
             try:
-                job(torch.zeros(b, L, c, h, w, device=spec.device, dtype=spec.dtype),
-                    torch.zeros(b, device=spec.device, dtype=torch.int64))
+                varying = zeros("unet_step", b)
+                job(varying["x_t"], varying["timesteps"])
             finally:
                 job.close()
