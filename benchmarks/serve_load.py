@@ -35,14 +35,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(pipe, data: Path, max_active: int, max_queue: int):
-    """The server on a free localhost port, in a thread; returns (server, base url, stop)."""
+def serve(pipe, data: Path, max_active: int, max_queue: int, trace: bool = False):
+    """The server on a free localhost port, in a thread; returns (server, base url, stop, trace or None)."""
     import uvicorn
 
     from nuwaxl.serve import Server, create_app, default_warm_rows
 
     server = Server(pipe, data, max_queue=max_queue, max_active=max_active,
                     warm_rows=default_warm_rows(max_active, pipe.nets.spec.device))  # as `trt-nuwaxl serve` does
+    tracer = None
+    if trace:
+        from serve_trace import Trace
+
+        tracer = Trace().attach(server.pipeline.nets)
     port = free_port()
     web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=web.run, daemon=True)
@@ -56,7 +61,7 @@ def serve(pipe, data: Path, max_active: int, max_queue: int):
         thread.join(timeout=10)
         server.stop()
 
-    return server, url, stop
+    return server, url, stop, tracer
 
 
 def sse_events(lines):
@@ -80,13 +85,14 @@ def client(url: str, request: dict, out: list, start: threading.Barrier) -> None
         with http.stream("GET", f"/v1/videos/{job_id}/events") as events:
             for name, data in sse_events(events.iter_lines()):
                 if name == "frame":
-                    first = first if first is not None else time.perf_counter() - t0
+                    last = time.perf_counter()
+                    first = first if first is not None else last - t0
                     frames += 1
                 elif name == "end":
                     end = data
                     break
         out.append({"state": end["state"], "ttff_s": first, "done_s": time.perf_counter() - t0,
-                    "frames": frames, "error": end["error"]})
+                    "last_frame_s": last - t0 if frames else None, "frames": frames, "error": end["error"]})
 
 
 def direct_row(pipe, clients: int, request: dict, max_active: int) -> dict:
@@ -122,21 +128,25 @@ def direct_row(pipe, clients: int, request: dict, max_active: int) -> dict:
             "ttff_p50_s": round(statistics.median(ttff), 3), "ttff_max_s": round(ttff[-1], 3)}
 
 
-def row(pipe, clients: int, request: dict, max_active: int) -> dict:
+def row(pipe, clients: int, request: dict, max_active: int, trace: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as data:
-        server, url, stop = serve(pipe, Path(data), max_active=max_active, max_queue=max(16, clients))
+        server, url, stop, tracer = serve(pipe, Path(data), max_active=max_active, max_queue=max(16, clients),
+                                          trace=trace)
         try:
             results: list[dict] = []
             start = threading.Barrier(clients)
             threads = [threading.Thread(target=client, args=(url, dict(request, seed=i), results, start))
                        for i in range(clients)]
             t0 = time.perf_counter()
+            if tracer is not None:
+                tracer.t0 = t0
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
             metrics = httpx.get(f"{url}/metrics").text
+            traced = tracer.summary(wall) if tracer is not None else None
         finally:
             stop()
     ttff = sorted(r["ttff_s"] for r in results if r["ttff_s"] is not None)
@@ -147,7 +157,9 @@ def row(pipe, clients: int, request: dict, max_active: int) -> dict:
             "ttff_p50_s": round(statistics.median(ttff), 3) if ttff else None,
             "ttff_p95_s": round(ttff[min(len(ttff) - 1, round(0.95 * (len(ttff) - 1)))], 3) if ttff else None,
             "states": sorted({r["state"] for r in results}), "errors": [r["error"] for r in results if r["error"]],
-            "merged_step_metrics": jobs_per_step}
+            "merged_step_metrics": jobs_per_step,
+            "jobs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in results],
+            **({"trace": traced} if traced is not None else {})}
 
 
 def main() -> None:
@@ -165,6 +177,7 @@ def main() -> None:
     ap.add_argument("--compare-sequential", action="store_true")
     ap.add_argument("--direct", action="store_true", help="no HTTP: threads call the pipeline (see direct_row)")
     ap.add_argument("--warm-rows", action="store_true", help="run each batched row once before measuring it")
+    ap.add_argument("--trace", action="store_true", help="record a timeline of the network calls (serve_trace.py)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -186,11 +199,13 @@ def main() -> None:
         measure = direct_row if args.direct else row
         if args.warm_rows:  # the same row once before, unrecorded: CUDA graphs for every merged row count exist
             measure(pipe, c, request, args.max_active or c)
-        rows.append({"mode": "batched", "http": not args.direct, **measure(pipe, c, request, args.max_active or c)})
-        print(json.dumps(rows[-1]), flush=True)
+        traced = {"trace": True} if args.trace and not args.direct else {}
+        rows.append({"mode": "batched", "http": not args.direct,
+                     **measure(pipe, c, request, args.max_active or c, **traced)})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "trace"}), flush=True)
         if args.compare_sequential and c > 1:
-            rows.append({"mode": "one at a time", "http": not args.direct, **measure(pipe, c, request, 1)})
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append({"mode": "one at a time", "http": not args.direct, **measure(pipe, c, request, 1, **traced)})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "trace"}), flush=True)
     env = {"device": str(pipe.nets.spec.device), "backend": pipe.nets.spec.backend, "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            "git_sha": os.environ.get("NUWAXL_GIT_SHA"), "driver": os.environ.get("NUWAXL_DRIVER")}
