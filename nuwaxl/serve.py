@@ -56,7 +56,11 @@ EVENTS_POLL_S = 0.01  # how often a frame stream looks at its job's progress (in
 # A job's progress goes to the database at most this often (and when it ends); streams and status read it from memory.
 # Per frame, a commit cost 0.4 ms of the 5.2 s a 1024-frame job spent on its frames (128 px, our 2-core machine).
 PROGRESS_DB_S = 0.5
-PNG_WRITERS = min(4, os.cpu_count() or 1)  # threads that encode and write frames, shared by all jobs
+# Threads that encode and write frames, shared by all jobs (Pillow's PNG encoder runs without the GIL: 128 px noise
+# frames, our 2-core machine, 1.52 ms each on one thread, 0.85 ms per frame on two). With 4 on an H200 host (16 cores),
+# 4 concurrent 1024-frame jobs announced their last frames 4.5 s after the GPU had finished
+# (benchmarks/results/serve-trace-paper-1024f-engines-grouped-h200.json): one writer per core, up to 16.
+PNG_WRITERS = min(16, os.cpu_count() or 1)
 
 
 class VideoRequest(BaseModel):

@@ -20,11 +20,18 @@ failed, and the step runs again in smaller groups of jobs, so only a job whose o
 and its pipeline halves its batch as it does alone; no job fails for sharing a step. (The limit stays for the life of
 the process: later steps do not run out of memory again and again.)
 
+A merged call holds at most the step engine's largest batch (`max_rows`): the engine would split a larger one into
+chunks anyway, so merging past it gains nothing and costs a concatenated copy of the jobs' prepared tensors (7.5 GB
+per 69 rows for the paper UNet). Jobs are grouped in order under that cap, and a job with more rows runs alone.
+Each group's bound step (its concatenated prepared tensors) is kept while the same group recurs.
+
 Row buckets: a merged call of several jobs is padded (with copies of its first row, whose outputs are dropped) up to
-the next power of two, or to the engine's largest batch, so that a busy server meets a few shapes, not every row
-count (a job alone runs its own rows, as the pipeline does, and gets exactly its lone video): each new shape costs
-warm-up runs and a CUDA-graph capture while the other jobs wait. `warm(rows)` captures the buckets up to `rows` before
-the first request (not counted in `on_merged`).
+the next bucket (`bucket_rows`: powers of two and 1.5x powers of two), or to the engine's largest batch, so that a
+busy server meets a few shapes, not every row count (a job alone runs its own rows, as the pipeline does, and gets
+exactly its lone video): each new shape costs warm-up runs and a CUDA-graph capture while the other jobs wait.
+Powers of two alone padded the level-2 steps of 4 concurrent 1024-frame jobs (20 rows) to 32: 79 ms per merged step
+on an H200 (benchmarks/results/serve-trace-paper-1024f-engines-grouped-h200.json). `warm(rows)` captures the
+buckets up to `rows` before the first request (not counted in `on_merged`).
 
 Fairness: every sampling job advances one step per merged call, so a short job that arrives while a long one runs
 joins the next step instead of waiting for the long one to end (continuous batching, as vLLM does for tokens).
@@ -49,10 +56,13 @@ POLL_S = 0.001  # how often a job that waited `wait_s` looks whether the GPU has
 
 
 def bucket_rows(rows: int, max_rows: int | None) -> int:
-    """The rows a merged call of `rows` rows runs as: the next power of two, at most the engine's `max_rows` (larger
-    calls are split by the engine into `max_rows` chunks and a remainder, which is bucketed the same way)."""
+    """The rows a merged call of `rows` rows runs as: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and
+    1.5x powers of two: at most a third of a call is padding), at most the engine's `max_rows` (larger calls are
+    split by the engine into `max_rows` chunks and a remainder, which is bucketed the same way)."""
     if max_rows is None or rows <= max_rows:
-        return min(1 << (rows - 1).bit_length(), max_rows or rows << 1)
+        power = 1 << (rows - 1).bit_length()
+        bucket = 3 * power // 4 if power >= 4 and rows <= 3 * power // 4 else power
+        return min(bucket, max_rows or bucket)
     full, rest = divmod(rows, max_rows)
     return full * max_rows + (bucket_rows(rest, max_rows) if rest else 0)
 
@@ -131,7 +141,7 @@ class SharedNetworks:
         self._active: set[_Denoiser] = set()  # sampling now: each merged call waits for their steps
         self._asks: list[_Ask] = []
         self._leading = False
-        self._bound: tuple[tuple, Callable[[dict], dict]] | None = None  # (the jobs merged, their bound step)
+        self._bound: dict[tuple, Callable[[dict], dict]] = {}  # the jobs of one merged call -> their bound step
         self._row_limit: int | None = None  # most rows per merged call, once one ran out of memory (never raised)
         self._last_start: float | None = None  # perf_counter at the previous merged call's start
         self._last_gpu: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # its start and end on the GPU
@@ -158,7 +168,7 @@ class SharedNetworks:
 
     def release(self) -> None:
         with self._lock:
-            self._bound = None
+            self._bound = {}
             self.inner.release()
 
     def denoiser(self, context, cond, mask) -> _Denoiser:
@@ -217,7 +227,11 @@ class SharedNetworks:
         A call of several jobs that runs out of memory lowers the limit below its rows, drops the graphs and runs
         again in smaller groups, so only a job whose own rows do not fit gets the error (its pipeline then halves
         its batch, as when it runs alone) and no job fails for sharing a step."""
-        for group in self._groups(merged):
+        groups = self._groups(merged)
+        with self._lock:  # bound steps of groups that no longer run: their concatenated tensors are freed
+            current = {tuple(a.job for a in g) for g in groups}
+            self._bound = {k: v for k, v in self._bound.items() if k in current}
+        for group in groups:
             try:
                 self._call(group)
             except torch.cuda.OutOfMemoryError as e:
@@ -228,16 +242,18 @@ class SharedNetworks:
                 with self._lock:
                     if group[0].made is not None:  # queued work may still use the graphs' memory pools
                         torch.cuda.synchronize()
-                    self._bound = None
+                    self._bound = {}
                     self.inner.release()
                     torch.cuda.empty_cache()
                 self._run_merged(group)  # the limit only falls: this ends
 
     def _groups(self, merged: list[_Ask]) -> list[list[_Ask]]:
-        """Consecutive jobs whose rows fit under the row limit (a job with more rows alone in its group)."""
+        """Consecutive jobs whose rows fit under the engine's largest batch and the row limit (a job with more rows
+        alone in its group)."""
+        cap = min(self._row_limit or float("inf"), self.max_rows or float("inf"))
         groups: list[list[_Ask]] = []
         for a in merged:
-            if groups and sum(b.job.rows for b in groups[-1]) + a.job.rows <= (self._row_limit or float("inf")):
+            if groups and sum(b.job.rows for b in groups[-1]) + a.job.rows <= cap:
                 groups[-1].append(a)
             else:
                 groups.append([a])
@@ -261,10 +277,11 @@ class SharedNetworks:
             rows = sum(j.rows for j in composition)
             padded = rows if len(composition) == 1 else \
                 max(rows, min(bucket_rows(rows, self.max_rows), self._row_limit or rows << 1))
-            if self._bound is None or self._bound[0] != composition:
+            bound = self._bound.get(composition)
+            if bound is None:
                 fixed = {k: _rows([j.prepared[k] for j in composition], padded) for k in composition[0].prepared}
-                self._bound = (composition, self.inner._bind("unet_step", fixed))
-            eps = self._bound[1]({"x_t": _rows([a.x_t for a in merged], padded),
+                bound = self._bound[composition] = self.inner._bind("unet_step", fixed)
+            eps = bound({"x_t": _rows([a.x_t for a in merged], padded),
                                   "timesteps": _rows([a.t for a in merged], padded)})["eps"]
             done = None
             if stream is not None:

@@ -70,14 +70,15 @@ class _StubNets:
         return lambda feeds: {"eps": 2 * feeds["x_t"] + fixed["p"]}
 
 
-def test_row_buckets_are_powers_of_two_up_to_the_engines_largest_batch():
-    assert [bucket_rows(r, 69) for r in (1, 2, 3, 5, 9, 17, 33, 64, 65, 69)] == [1, 2, 4, 8, 16, 32, 64, 64, 69, 69]
-    assert [bucket_rows(r, 4) for r in (3, 4, 5, 7, 9)] == [4, 4, 5, 8, 9]  # above it: chunks of 4 and a bucket
-    assert [bucket_rows(r, None) for r in (1, 3, 100)] == [1, 4, 128]
+def test_row_buckets_are_powers_of_two_and_their_halfway_points_up_to_the_engines_largest_batch():
+    assert [bucket_rows(r, 69) for r in (1, 2, 3, 5, 7, 9, 17, 20, 25, 33, 49, 64, 65, 69)] == \
+        [1, 2, 3, 6, 8, 12, 24, 24, 32, 48, 64, 64, 69, 69]
+    assert [bucket_rows(r, 4) for r in (3, 4, 5, 7, 9)] == [3, 4, 5, 7, 9]  # above it: chunks of 4 and a bucket
+    assert [bucket_rows(r, None) for r in (1, 3, 5, 100)] == [1, 3, 6, 128]
 
 
 def test_merged_steps_run_at_bucketed_rows_and_each_job_gets_its_own(monkeypatch):
-    """Three one-row jobs merge into one call of 4 rows (the 4th a copy of the first, dropped): a busy server meets
+    """Five one-row jobs merge into one call of 6 rows (the 6th a copy of the first, dropped): a busy server meets
     few shapes, so few CUDA-graph captures (several seconds each with ONNX Runtime)."""
     nets = _StubNets()
     seen = []
@@ -86,19 +87,48 @@ def test_merged_steps_run_at_bucketed_rows_and_each_job_gets_its_own(monkeypatch
     shared = SharedNetworks(nets, wait_s=1.0)
     merged = []
     shared.on_merged = lambda call: merged.append((call.rows, call.jobs))
-    jobs = [shared.denoiser(None, torch.zeros(1), None) for _ in range(3)]
+    jobs = [shared.denoiser(None, torch.zeros(1), None) for _ in range(5)]
     out = {}
 
     def ask(i):
         out[i] = jobs[i](torch.full((1,), float(i)), torch.zeros(1))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert merged == [(5, 5)] and seen == [6]
+    assert [out[i].tolist() for i in range(5)] == [[1.0], [3.0], [5.0], [7.0], [9.0]]
+
+
+def test_merged_calls_stay_within_the_engines_largest_batch_and_reuse_their_bound_steps(monkeypatch):
+    """With an engine of at most 4 rows, jobs of 2, 2 and 3 rows run as a call of the first two (4 rows) and one of
+    the third alone: merging past the engine's batch would only concatenate prepared tensors that the engine splits
+    again. The groups' bound steps (concatenated once) are reused at the next step."""
+    nets = _StubNets()
+    seen = []
+    bind = nets._bind
+    monkeypatch.setattr(nets, "_bind", lambda name, fixed: (seen.append(fixed["p"].shape[0]), bind(name, fixed))[1])
+    shared = SharedNetworks(nets, wait_s=1.0)
+    shared.max_rows = 4
+    merged = []
+    shared.on_merged = lambda call: merged.append((call.rows, call.jobs))
+    jobs = [shared.denoiser(None, torch.zeros(r), None) for r in (2, 2, 3)]
+    out = {}
+
+    def ask(i):
+        for step in range(2):
+            out[i, step] = jobs[i](torch.full((jobs[i].rows,), float(i + step)), torch.zeros(jobs[i].rows))
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=10)
-    assert merged == [(3, 3)] and seen == [4]
-    assert [out[i].tolist() for i in range(3)] == [[1.0], [3.0], [5.0]]
+    assert merged == [(4, 2), (3, 1)] * 2, merged
+    assert seen == [4, 3], seen  # bound once per group, not at every step
+    assert [out[2, s].tolist() for s in range(2)] == [[5.0] * 3, [7.0] * 3]  # 2 * x_t + 1: the job's own rows
 
 
 def test_warm_captures_every_row_bucket_before_the_first_request(tiny_pipe, monkeypatch):
@@ -111,8 +141,8 @@ def test_warm_captures_every_row_bucket_before_the_first_request(tiny_pipe, monk
 
     monkeypatch.setattr(tiny_pipe.nets, "_bind", recording)
     merged = []
-    assert SharedNetworks(tiny_pipe.nets, on_merged=merged.append).warm(5) == [1, 2, 4, 8]
-    assert rows == [1, 2, 4, 8] and not merged  # warm-up steps stay out of the server's metrics
+    assert SharedNetworks(tiny_pipe.nets, on_merged=merged.append).warm(5) == [1, 2, 3, 4, 6]
+    assert rows == [1, 2, 3, 4, 6] and not merged  # warm-up steps stay out of the server's metrics
 
 
 def test_a_late_job_still_joins_the_step_while_the_gpu_is_busy(monkeypatch):
