@@ -282,7 +282,7 @@ class SharedNetworks:
                 fixed = {k: _rows([j.prepared[k] for j in composition], padded) for k in composition[0].prepared}
                 bound = self._bound[composition] = self.inner._bind("unet_step", fixed)
             eps = bound({"x_t": _rows([a.x_t for a in merged], padded),
-                                  "timesteps": _rows([a.t for a in merged], padded)})["eps"]
+                         "timesteps": _rows([a.t for a in merged], padded)})["eps"]
             done = None
             if stream is not None:
                 done = torch.cuda.Event(enable_timing=True)
