@@ -35,19 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(pipe, data: Path, max_active: int, max_queue: int, trace: bool = False):
-    """The server on a free localhost port, in a thread; returns (server, base url, stop, trace or None)."""
+def serve(pipe, data: Path, max_active: int, max_queue: int):
+    """The server on a free localhost port, in a thread; returns (server, base url, stop)."""
     import uvicorn
 
     from nuwaxl.serve import Server, create_app, default_warm_rows
 
     server = Server(pipe, data, max_queue=max_queue, max_active=max_active,
                     warm_rows=default_warm_rows(max_active, pipe.nets.spec.device))  # as `trt-nuwaxl serve` does
-    tracer = None
-    if trace:
-        from serve_trace import Trace
-
-        tracer = Trace().attach(server.pipeline.nets)
     port = free_port()
     web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=web.run, daemon=True)
@@ -61,7 +56,7 @@ def serve(pipe, data: Path, max_active: int, max_queue: int, trace: bool = False
         thread.join(timeout=10)
         server.stop()
 
-    return server, url, stop, tracer
+    return server, url, stop
 
 
 def sse_events(lines):
@@ -130,8 +125,12 @@ def direct_row(pipe, clients: int, request: dict, max_active: int) -> dict:
 
 def row(pipe, clients: int, request: dict, max_active: int, trace: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as data:
-        server, url, stop, tracer = serve(pipe, Path(data), max_active=max_active, max_queue=max(16, clients),
-                                          trace=trace)
+        server, url, stop = serve(pipe, Path(data), max_active=max_active, max_queue=max(16, clients))
+        tracer = None
+        if trace:
+            from serve_trace import Trace
+
+            tracer = Trace().attach(server.pipeline.nets)
         try:
             results: list[dict] = []
             start = threading.Barrier(clients)
