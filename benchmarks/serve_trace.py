@@ -18,8 +18,6 @@ from collections import defaultdict
 
 import torch
 
-from nuwaxl.runtime.batching import bucket_rows
-
 
 class Trace:
     def __init__(self):
@@ -36,9 +34,16 @@ class Trace:
         if cuda:
             self.ref = torch.cuda.Event(enable_timing=True)
             self.ref.record()
-        call, locked, step = shared._call, shared._locked, shared._step
+        call, locked, step, told = shared._call, shared._locked, shared._step, shared.on_merged
+        last = threading.local()  # the MergedCall that `_call` just told, in the thread that ran it
 
-        def timed(kind: str, info: dict, fn, *args, events=None):
+        def on_merged(merged_call):
+            last.call = merged_call
+            if told is not None:
+                told(merged_call)
+
+        def timed(kind: str, info, fn, *args, events=None):
+            """`info()`: what to record of the call, asked once it has run."""
             start = end = None
             if cuda and events is None:
                 start = torch.cuda.Event(enable_timing=True)
@@ -54,18 +59,22 @@ class Trace:
                     end = torch.cuda.Event(enable_timing=True)
                     end.record()
                 with self.lock:
-                    self.events.append({"kind": kind, **info, "host": (h0 - self.t0, h1 - self.t0),
+                    self.events.append({"kind": kind, **info(), "host": (h0 - self.t0, h1 - self.t0),
                                         "gpu_events": (start, end), "thread": threading.current_thread().name})
 
         def traced_call(merged):
-            rows = sum(a.job.rows for a in merged)
-            padded = rows if len(merged) == 1 else bucket_rows(rows, shared.max_rows)
-            return timed("step", {"rows": rows, "padded": padded, "jobs": len(merged)}, call, merged,
-                         events=(lambda: shared._last_gpu) if cuda else None)
+            last.call = None
+
+            def info():
+                m = last.call  # None if the call failed (out of memory)
+                return {"rows": sum(a.job.rows for a in merged), "jobs": len(merged),
+                        "padded": m.padded if m is not None else None}
+
+            return timed("step", info, call, merged, events=(lambda: shared._last_gpu) if cuda else None)
 
         def traced_locked(fn, *args):
             name = args[0] if getattr(fn, "__name__", "") == "_run" else getattr(fn, "__name__", str(fn))
-            return timed("call", {"name": name}, locked, fn, *args)
+            return timed("call", lambda: {"name": name}, locked, fn, *args)
 
         def traced_ask(job, x_t, t):  # host time a job's thread spends asking for (and waiting on) its eps
             h0 = time.perf_counter()
@@ -76,7 +85,7 @@ class Trace:
                     self.events.append({"kind": "ask", "host": (h0 - self.t0, time.perf_counter() - self.t0),
                                         "thread": threading.current_thread().name})
 
-        shared._call, shared._locked, shared._step = traced_call, traced_locked, traced_ask
+        shared._call, shared._locked, shared._step, shared.on_merged = traced_call, traced_locked, traced_ask, on_merged
         return self
 
     def summary(self, wall_s: float) -> dict:
@@ -96,9 +105,10 @@ class Trace:
                      "calls": len(calls)}
         by_rows: dict[int, list] = defaultdict(list)
         for c in calls:
-            if c["kind"] == "step":
+            if c["kind"] == "step" and c["padded"] is not None:  # None: the call failed (out of memory)
                 by_rows[c["padded"]].append(c)
         starts = [c["host"][0] for c in calls if c["kind"] == "step"]
+        out["failed_steps"] = sum(c["kind"] == "step" and c["padded"] is None for c in calls)
         out["steps_by_padded_rows"] = {
             str(r): {"count": len(cs), "jobs_mean": round(sum(c["jobs"] for c in cs) / len(cs), 2),
                      "rows_mean": round(sum(c["rows"] for c in cs) / len(cs), 2),

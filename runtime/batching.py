@@ -82,6 +82,7 @@ class MergedCall:
 
     rows: int
     jobs: int
+    padded: int  # the rows it ran as (its bucket; a job alone: its own rows)
     since_last_s: float | None  # from the previous merged call's start to this one's: the step period under load
     previous_gpu_s: float | None  # the previous merged call's GPU time, if it has finished by now (CUDA only)
 
@@ -293,7 +294,7 @@ class SharedNetworks:
                 a.eps, a.done = eps[start: start + a.job.rows], done
                 start += a.job.rows
         if self.on_merged is not None:
-            self.on_merged(MergedCall(start, len(merged), since_last, previous_gpu))
+            self.on_merged(MergedCall(start, len(merged), padded, since_last, previous_gpu))
 
     def warm(self, rows: int) -> list[int]:
         """Run one denoising step at every row bucket up to `rows` (zero inputs), so that their CUDA graphs are

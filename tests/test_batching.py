@@ -77,13 +77,27 @@ def test_row_buckets_are_powers_of_two_and_their_halfway_points_up_to_the_engine
     assert [bucket_rows(r, None) for r in (1, 3, 5, 100)] == [1, 3, 6, 128]
 
 
+def _recording(monkeypatch, nets: _StubNets) -> list[int]:
+    """The rows of every step `nets` binds (once per merged group of jobs)."""
+    seen = []
+    bind = nets._bind
+    monkeypatch.setattr(nets, "_bind", lambda name, fixed: (seen.append(fixed["p"].shape[0]), bind(name, fixed))[1])
+    return seen
+
+
+def _in_threads(fn, n: int) -> None:
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+
+
 def test_merged_steps_run_at_bucketed_rows_and_each_job_gets_its_own(monkeypatch):
     """Five one-row jobs merge into one call of 6 rows (the 6th a copy of the first, dropped): a busy server meets
     few shapes, so few CUDA-graph captures (several seconds each with ONNX Runtime)."""
     nets = _StubNets()
-    seen = []
-    bind = nets._bind
-    monkeypatch.setattr(nets, "_bind", lambda name, fixed: (seen.append(fixed["p"].shape[0]), bind(name, fixed))[1])
+    seen = _recording(monkeypatch, nets)
     shared = SharedNetworks(nets, wait_s=1.0)
     merged = []
     shared.on_merged = lambda call: merged.append((call.rows, call.jobs))
@@ -93,11 +107,7 @@ def test_merged_steps_run_at_bucketed_rows_and_each_job_gets_its_own(monkeypatch
     def ask(i):
         out[i] = jobs[i](torch.full((1,), float(i)), torch.zeros(1))
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
+    _in_threads(ask, 5)
     assert merged == [(5, 5)] and seen == [6]
     assert [out[i].tolist() for i in range(5)] == [[1.0], [3.0], [5.0], [7.0], [9.0]]
 
@@ -107,9 +117,7 @@ def test_merged_calls_stay_within_the_engines_largest_batch_and_reuse_their_boun
     the third alone: merging past the engine's batch would only concatenate prepared tensors that the engine splits
     again. The groups' bound steps (concatenated once) are reused at the next step."""
     nets = _StubNets()
-    seen = []
-    bind = nets._bind
-    monkeypatch.setattr(nets, "_bind", lambda name, fixed: (seen.append(fixed["p"].shape[0]), bind(name, fixed))[1])
+    seen = _recording(monkeypatch, nets)
     shared = SharedNetworks(nets, wait_s=1.0)
     shared.max_rows = 4
     merged = []
@@ -121,11 +129,7 @@ def test_merged_calls_stay_within_the_engines_largest_batch_and_reuse_their_boun
         for step in range(2):
             out[i, step] = jobs[i](torch.full((jobs[i].rows,), float(i + step)), torch.zeros(jobs[i].rows))
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
+    _in_threads(ask, 3)
     assert merged == [(4, 2), (3, 1)] * 2, merged
     assert seen == [4, 3], seen  # bound once per group, not at every step
     assert [out[2, s].tolist() for s in range(2)] == [[5.0] * 3, [7.0] * 3]  # 2 * x_t + 1: the job's own rows
