@@ -1,15 +1,23 @@
 """Experiment: which AOTInductor package of a network (`unet_step` by default) is fastest, per batch size (GPU, paper
 preset by default).
 
-Variants, named `<dyn|sN>-<nchw|nhwc>[-fah]`: a package compiled for a dynamic batch (2..max, the largest as the
+Variants, named `<dyn|sN>-<nchw|nhwc>[-option...]`: a package compiled for a dynamic batch (2..max, the largest as the
 size hint: what `build` made up to git 4962023) or for one static batch; 2-D convolution weights row-major (NCHW, what
-`build` stored) or channels-last (NHWC, what the live torch modes use); temporal convolutions as exported by default
-(a Conv3d on (B, C, L, H, W)) or, with `-fah`, "frames-as-height" (`models.layers.temporal_conv_layout`).
-Packages are compiled in parallel processes (`--jobs`), then each one is
-timed alone in this process as a CUDA graph replay (the runtime's `capture_run`), beside the live module (eager
-kernels, channels-last, CUDA graph), and its output compared with the live module's.
+`build` stored) or channels-last (NHWC, what the live torch modes use); options (`OPTIONS`): `fah` temporal
+convolutions "frames-as-height" (`models.layers.temporal_conv_layout`; what `build` makes since f3b4aad), `fp8` the
+transformer blocks' linear layers in e4m3 (`models.fp8`, input ranges calibrated on the sample inputs at a few
+timesteps), `tune` Inductor's max-autotune for matmuls (cuBLAS against Triton templates) and coordinate-descent
+tuning of its Triton kernels, `mm1` 1x1 convolutions as matmuls.
+Packages are compiled in parallel processes (`--jobs`; `tune` ones alone, as they time kernels on the GPU), then each
+one is timed alone in this process as a CUDA graph replay (the runtime's `capture_run`), beside the live module
+(eager kernels, channels-last, CUDA graph), and its output compared with the live module's. `--cudnn-benchmark` times
+each package a second time with cuDNN's algorithm search on (torch.backends.cudnn.benchmark: AOTInductor's
+convolutions are ATen calls, which follow it); `--profile` adds each package's kernel profile per category
+(`kernel_profile.py`) and the live module's FLOPs per operator (torch.utils.flop_counter), so time and work can be
+set side by side.
 
     python benchmarks/aoti_step_variants.py --out step-variants.json [--preset paper] [--rows 1,69]
+        [--variants s69-nhwc-fah,s69-nhwc-fah-fp8] [--cudnn-benchmark] [--profile]
 
 Random weights (seed 0): speed does not depend on weight values.
 """
@@ -25,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from kernel_profile import kernel_profile
 
 # fp16 on a GPU; fp32 on the CPU (a smoke run of this script with --preset tiny)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,7 +55,37 @@ def models_and_spec(preset: str, rows: int, layout: str, network: str = "unet_st
     return networks(models)[network], io_specs(config, PRECISION, rows)[network], config
 
 
-TEMPORAL = {"": "volume", "fah": "frames-as-height"}  # variant suffix -> TemporalConv layout
+# variant option -> what it changes: the TemporalConv layout, FP8 linears, Inductor settings for the compilation
+OPTIONS = {"fah": {"temporal": "frames-as-height"},
+           "fp8": {"fp8": True},
+           "tune": {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
+                                 "coordinate_descent_tuning": True}},
+           "mm1": {"inductor": {"conv_1x1_as_mm": True}}}
+
+
+def variant_options(name: str) -> tuple[str, str, dict]:
+    """name -> (shape, layout, merged options)."""
+    shape, layout, *opts = name.split("-")
+    unknown = [o for o in opts if o not in OPTIONS]
+    if unknown:
+        raise SystemExit(f"unknown variant option {unknown[0]!r} in {name!r}; options: {', '.join(OPTIONS)}")
+    merged = {"temporal": "volume", "fp8": False, "inductor": {}}
+    for o in opts:
+        for k, v in OPTIONS[o].items():
+            merged[k] = {**merged[k], **v} if k == "inductor" else v
+    return shape, layout, merged
+
+
+def calibrate_fp8(module, spec, config, batch: int) -> dict[str, float]:
+    """The FP8 layers' input ranges over the sample inputs at a few timesteps (random weights: for speed only)."""
+    from nuwaxl.models.fp8 import calibration
+
+    x = feeds(spec, batch, config)
+    names = [t.name for t in spec.inputs]
+    with torch.no_grad(), calibration(module) as amax:
+        for t in (999, 500, 1):
+            module(*(torch.full_like(x[n], t) if n == "timesteps" else x[n] for n in names))
+    return amax
 
 
 def feeds(spec, batch, config):
@@ -57,18 +96,23 @@ def feeds(spec, batch, config):
 
 
 def compile_variant(name: str, preset: str, rows: int, folder: Path, network: str) -> dict:
-    """One package: name = <dyn|sN>-<nchw|nhwc>[-fah]; its constants saved beside it (torch.save keeps strides)."""
+    """One package (name: see the module docstring); its constants saved beside it (torch.save keeps strides)."""
+    from torch._inductor import config as inductor_config
+
     from nuwaxl.engine.torch_backend import aoti_compile, channels_last_convs
     from nuwaxl.export.onnx_export import dynamic_shapes
+    from nuwaxl.models.fp8 import quantize_fp8
     from nuwaxl.models.layers import temporal_conv_layout
 
-    shape, layout, *temporal = name.split("-")
+    shape, layout, opts = variant_options(name)
     module, spec, config = models_and_spec(preset, rows, layout, network)
     batch = rows if shape == "dyn" else int(shape[1:])
     dim = torch.export.Dim("batch", min=2, max=rows) if shape == "dyn" else None
     x = feeds(spec, batch, config)
     t0 = time.perf_counter()
-    with torch.no_grad(), temporal_conv_layout(module, TEMPORAL["".join(temporal)]):
+    if opts["fp8"]:
+        quantize_fp8(module, calibrate_fp8(module, spec, config, min(batch, 4)))
+    with torch.no_grad(), temporal_conv_layout(module, opts["temporal"]), inductor_config.patch(opts["inductor"]):
         if layout == "nhwc":  # the (k, 1) convolutions made for "frames-as-height" too
             channels_last_convs(module)
         program = torch.export.export(module, tuple(x[t.name] for t in spec.inputs),
@@ -106,6 +150,17 @@ def time_graph(run, static, iters: int = 20, capture=None) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def flop_counts(module, args) -> dict:
+    """GFLOP per call of `module(*args)`, per ATen operator and in total (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        module(*args)
+    per_op = {str(op): round(n / 1e9, 1) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return {"total_gflop": round(counter.get_total_flops() / 1e9, 1), "by_operator_gflop": per_op}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="paper")
@@ -114,6 +169,10 @@ def main() -> None:
     ap.add_argument("--variants", default="dyn-nchw,s69-nchw,s69-nhwc,dyn-nhwc,s1-nchw,s1-nhwc")
     ap.add_argument("--folder", default="/tmp/step-variants")
     ap.add_argument("--jobs", type=int, default=6)
+    ap.add_argument("--compile-timeout", type=float, default=1200, help="seconds; a slower compilation is stopped")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="time each package again with torch.backends.cudnn.benchmark on")
+    ap.add_argument("--profile", action="store_true", help="kernel profiles per category, and the FLOPs per operator")
     ap.add_argument("--out", required=True)
     ap.add_argument("--compile-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -126,18 +185,30 @@ def main() -> None:
 
     variants = args.variants.split(",")
     t0 = time.perf_counter()
-    compiled, pending = {}, list(variants)
+    compiled, pending, started = {}, list(variants), {}
     running: list[tuple[str, subprocess.Popen]] = []
+    tuning = {v for v in variants if variant_options(v)[2]["inductor"].get("max_autotune_gemm")}
+
+    def startable():  # at most one autotuning compilation at a time: it times kernels on the GPU
+        busy = any(r in tuning for r, _ in running)
+        return next((v for v in pending if v not in tuning or not busy), None)
+
     while pending or running:
-        while pending and len(running) < args.jobs:
-            v = pending.pop(0)
+        while len(running) < args.jobs and (v := startable()) is not None:
+            pending.remove(v)
             cmd = [sys.executable, __file__, "--compile-one", v, "--preset", args.preset, "--rows", args.rows,
                    "--network", args.network, "--folder", str(folder), "--out", "-"]
+            started[v] = time.perf_counter()
             running.append((v, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(folder / f"{v}.log", "w"),
                                                 text=True)))
         time.sleep(2)
         for v, p in list(running):
-            if p.poll() is not None:
+            if p.poll() is None and time.perf_counter() - started[v] > args.compile_timeout:
+                p.kill()
+                p.wait()
+                running.remove((v, p))
+                compiled[v] = {"variant": v, "error": f"compilation stopped after {args.compile_timeout:.0f} s"}
+            elif p.poll() is not None:
                 running.remove((v, p))
                 out = p.stdout.read().strip().splitlines()
                 compiled[v] = json.loads(out[-1]) if p.returncode == 0 and out else {"variant": v,
@@ -146,7 +217,7 @@ def main() -> None:
 
     from nuwaxl.engine.torch_backend import load_package, named_outputs
 
-    results = []
+    results, flops = [], {}
     ref_module, spec, config = models_and_spec(args.preset, max(rows), "nhwc", args.network)
     output = spec.outputs[0].name
     names = [t.name for t in spec.inputs]
@@ -156,6 +227,8 @@ def main() -> None:
             ref = named_outputs(spec, ref_module(*(x[n] for n in names)))[output].float()
             live_ms = time_graph(lambda f: named_outputs(spec, ref_module(*(f[n] for n in names))), x)
         results.append({"variant": "live-eager-nhwc-graph", "batch": batch, "median_ms": round(live_ms, 2)})
+        if args.profile:
+            flops[batch] = flop_counts(ref_module, [x[n] for n in names])
         for v in variants:
             shape = v.split("-")[0]
             if "error" in compiled[v] or (shape != "dyn" and int(shape[1:]) != batch) or \
@@ -169,12 +242,18 @@ def main() -> None:
             def run(f, fn=fn):
                 return named_outputs(spec, fn(*(f[n].contiguous() for n in names)))
 
-            with torch.inference_mode():
-                out = run(x)[output].float()
-                err = ((out - ref).norm() / ref.norm()).item()
-                ms = time_graph(run, x)
-            results.append({"variant": v, "batch": batch, "median_ms": round(ms, 2), "rel_err_vs_live": err,
-                            **{k: compiled[v][k] for k in ("compile_s",)}})
+            row = {"variant": v, "batch": batch, "compile_s": compiled[v]["compile_s"]}
+            for bench in (False, True) if args.cudnn_benchmark else (False,):
+                torch.backends.cudnn.benchmark = bench
+                key = "cudnn_benchmark_" if bench else ""
+                with torch.inference_mode():
+                    out = run(x)[output].float()
+                    row[f"{key}rel_err_vs_live"] = ((out - ref).norm() / ref.norm()).item()
+                    row[f"{key}median_ms"] = round(time_graph(run, x), 2)
+                    if args.profile and DEVICE.type == "cuda":
+                        row[f"{key}profile"] = kernel_profile(run, x)
+            torch.backends.cudnn.benchmark = False
+            results.append(row)
             print(json.dumps(results[-1]), flush=True)
             del fn, weights
             torch.cuda.empty_cache()
@@ -183,7 +262,7 @@ def main() -> None:
            "git_sha": os.environ.get("NUWAXL_GIT_SHA"), "driver": os.environ.get("NUWAXL_DRIVER")}
     record = {"experiment": f"AOTInductor {args.network} package variants", "preset": args.preset,
               "weights": "random (seed 0)", "precision": PRECISION, "env": env, "compile_wall_s": compile_wall,
-              "compiled": compiled, "results": results}
+              "compiled": compiled, "results": results, "flops_per_call_by_operator": flops}
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps(results))
 

@@ -21,47 +21,11 @@ import copy
 import json
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from aoti_step_variants import DEVICE, DTYPE, feeds, models_and_spec, time_graph
-
-# Kernel-name keywords per category, first match wins (cuDNN / cuBLAS / CUTLASS / ONNX Runtime kernel names).
-CATEGORIES = (("attention", ("fmha", "flash", "attention", "Attention", "softmax", "Softmax")),
-              ("norm", ("norm", "Norm")),
-              ("conv", ("conv", "Conv", "fprop", "dgrad", "implicit", "cudnn", "nhwc", "nchw")),
-              ("gemm", ("gemm", "Gemm", "cutlass", "cublas", "xmma", "sm90_")),
-              ("transpose / copy", ("ranspose", "copy", "Copy", "Concat", "Slice", "Gather")),
-              ("elementwise", ("lementwise", "Binary", "Unary", "Sigmoid", "Erf", "Add", "Mul", "Div", "Cast",
-                               "vectorized", "elementwise")))
-
-
-def category(kernel: str) -> str:
-    return next((c for c, words in CATEGORIES if any(w in kernel for w in words)), "other")
-
-
-def kernel_profile(run, x, calls: int = 3) -> dict:
-    """Per-category and top kernels, GPU milliseconds per call, of `calls` plain runs."""
-    from torch.profiler import ProfilerActivity, profile
-
-    run(x)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            run(x)
-        torch.cuda.synchronize()
-    per_kernel = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[e.name] += e.device_time / 1e3 / calls
-    per_category = defaultdict(float)
-    for name, ms in per_kernel.items():
-        per_category[category(name)] += ms
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
-    return {"gpu_ms_per_call": round(sum(per_kernel.values()), 2),
-            "by_category_ms": {k: round(v, 2) for k, v in sorted(per_category.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": [[name[:140], round(ms, 3)] for name, ms in top], "kernels": len(per_kernel)}
+from kernel_profile import kernel_profile
 
 
 def main() -> None:
