@@ -4,7 +4,9 @@ preset by default).
 Variants, named `<dyn|sN>-<nchw|nhwc>[-option...]`: a package compiled for a dynamic batch (2..max, the largest as the
 size hint: what `build` made up to git 4962023) or for one static batch; 2-D convolution weights row-major (NCHW, what
 `build` stored) or channels-last (NHWC, what the live torch modes use); options (`OPTIONS`): `fah` temporal
-convolutions "frames-as-height" (`models.layers.temporal_conv_layout`; what `build` makes since f3b4aad), `fp8` the
+convolutions "frames-as-height" (`models.layers.temporal_conv_layout`; what `build` makes since f3b4aad),
+`tmath` / `tsum` temporal attention as matrix products / as sums of products (`models.layers.TemporalAttention`),
+`gn2` GroupNorm statistics in two stages over channels-last memory (`models.layers.group_norm_layout`), `fp8` the
 transformer blocks' linear layers in e4m3 (`models.fp8`, input ranges calibrated on the sample inputs at a few
 timesteps), `tune` Inductor's max-autotune for matmuls (cuBLAS against Triton templates) and coordinate-descent
 tuning of its Triton kernels, `mm1` 1x1 convolutions as matmuls.
@@ -57,6 +59,9 @@ def models_and_spec(preset: str, rows: int, layout: str, network: str = "unet_st
 
 # variant option -> what it changes: the TemporalConv layout, FP8 linears, Inductor settings for the compilation
 OPTIONS = {"fah": {"temporal": "frames-as-height"},
+           "tmath": {"attention": "math"},
+           "tsum": {"attention": "fused"},
+           "gn2": {"group_norm": "channels-last"},
            "fp8": {"fp8": True},
            "tune": {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
                                  "coordinate_descent_tuning": True}},
@@ -69,7 +74,7 @@ def variant_options(name: str) -> tuple[str, str, dict]:
     unknown = [o for o in opts if o not in OPTIONS]
     if unknown:
         raise SystemExit(f"unknown variant option {unknown[0]!r} in {name!r}; options: {', '.join(OPTIONS)}")
-    merged = {"temporal": "volume", "fp8": False, "inductor": {}}
+    merged = {"temporal": "volume", "attention": "sdpa", "group_norm": "default", "fp8": False, "inductor": {}}
     for o in opts:
         for k, v in OPTIONS[o].items():
             merged[k] = {**merged[k], **v} if k == "inductor" else v
@@ -102,7 +107,7 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
     from nuwaxl.engine.torch_backend import aoti_compile, channels_last_convs
     from nuwaxl.export.onnx_export import dynamic_shapes
     from nuwaxl.models.fp8 import quantize_fp8
-    from nuwaxl.models.layers import temporal_conv_layout
+    from nuwaxl.models.layers import group_norm_layout, temporal_attention_kernel, temporal_conv_layout
 
     shape, layout, opts = variant_options(name)
     module, spec, config = models_and_spec(preset, rows, layout, network)
@@ -112,7 +117,8 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
     t0 = time.perf_counter()
     if opts["fp8"]:
         quantize_fp8(module, calibrate_fp8(module, spec, config, min(batch, 4)))
-    with torch.no_grad(), temporal_conv_layout(module, opts["temporal"]), inductor_config.patch(opts["inductor"]):
+    with torch.no_grad(), temporal_conv_layout(module, opts["temporal"]), inductor_config.patch(opts["inductor"]), \
+            temporal_attention_kernel(module, opts["attention"]), group_norm_layout(module, opts["group_norm"]):
         if layout == "nhwc":  # the (k, 1) convolutions made for "frames-as-height" too
             channels_last_convs(module)
         program = torch.export.export(module, tuple(x[t.name] for t in spec.inputs),
@@ -173,6 +179,7 @@ def main() -> None:
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="time each package again with torch.backends.cudnn.benchmark on")
     ap.add_argument("--profile", action="store_true", help="kernel profiles per category, and the FLOPs per operator")
+    ap.add_argument("--top-kernels", type=int, default=15, help="how many of the slowest kernels a profile lists")
     ap.add_argument("--out", required=True)
     ap.add_argument("--compile-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -251,7 +258,7 @@ def main() -> None:
                     row[f"{key}rel_err_vs_live"] = ((out - ref).norm() / ref.norm()).item()
                     row[f"{key}median_ms"] = round(time_graph(run, x), 2)
                     if args.profile and DEVICE.type == "cuda":
-                        row[f"{key}profile"] = kernel_profile(run, x)
+                        row[f"{key}profile"] = kernel_profile(run, x, top=args.top_kernels)
             torch.backends.cudnn.benchmark = False
             results.append(row)
             print(json.dumps(results[-1]), flush=True)

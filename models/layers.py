@@ -7,6 +7,7 @@ temporal layers fold space into batch instead (Eq. 9, and TA after Eq. 15). `num
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -123,6 +124,16 @@ def frame_position_encoding(num_frames: int, dim: int, device, dtype) -> torch.T
 class TemporalAttention(nn.Module):
     """Self-attention over frames with space folded into batch; zero-initialised output (Eq. 2)."""
 
+    # How `forward` attends over the L frames (the same function either way, tested). "sdpa": the tokens gathered
+    # into (B*S, L, D) sequences and F.scaled_dot_product_attention, what eager runs and ONNX exports. Fused
+    # attention kernels tile a sequence by 64-128 queries and keys, so L = 16 frames leave most of each tile empty:
+    # in the paper UNet's batch-69 step the temporal attentions took about 20 of 28 ms of attention on an H200.
+    # "math": scores and weighted sum as matrix products over the frames, without the gather. "fused": the same as
+    # sums of products that a compiler (Inductor) turns into a few memory-bound kernels; eagerly it would
+    # materialise an L-times larger product, so it is only for compiled engines.
+    KERNELS = ("sdpa", "math", "fused")
+    kernel = "sdpa"
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
@@ -132,10 +143,81 @@ class TemporalAttention(nn.Module):
         """x: (B*L, S, D) with S = H*W tokens per frame."""
         bl, s, d = x.shape
         b = bl // num_frames
-        xt = x.reshape(b, num_frames, s, d).transpose(1, 2).reshape(b * s, num_frames, d)  # (B*S, L, D)
-        h = self.norm(xt) + frame_position_encoding(num_frames, d, x.device, x.dtype)
-        xt = xt + self.attn(h)
-        return xt.reshape(b, s, num_frames, d).transpose(1, 2).reshape(bl, s, d)
+        pe = frame_position_encoding(num_frames, d, x.device, x.dtype)
+        if self.kernel == "sdpa":
+            xt = x.reshape(b, num_frames, s, d).transpose(1, 2).reshape(b * s, num_frames, d)  # (B*S, L, D)
+            xt = xt + self.attn(self.norm(xt) + pe)
+            return xt.reshape(b, s, num_frames, d).transpose(1, 2).reshape(bl, s, d)
+        xt = x.reshape(b, num_frames, s, d)
+        return (xt + self.over_frames(self.norm(xt) + pe[:, None])).reshape(bl, s, d)
+
+    def over_frames(self, h: torch.Tensor) -> torch.Tensor:
+        """Attention over dim 1 of (B, L, S, D) for every token and head, by `kernel` "math" or "fused"."""
+        a = self.attn
+        heads = a.num_heads
+        d_head = h.shape[-1] // heads
+        q, k, v = (t(h).unflatten(-1, (heads, d_head)) for t in (a.to_q, a.to_k, a.to_v))  # (B, L, S, heads, d)
+        q = q * d_head ** -0.5
+        if self.kernel == "fused":
+            scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1, dtype=torch.float32)  # (B, Lq, Lk, S, heads)
+            weights = scores.softmax(2).to(v.dtype)
+            out = (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # (B, Lq, S, heads, d)
+        else:
+            scores = q.permute(0, 2, 3, 1, 4) @ k.permute(0, 2, 3, 4, 1)  # (B, S, heads, Lq, Lk)
+            out = (scores.float().softmax(-1).to(v.dtype) @ v.permute(0, 2, 3, 1, 4)).permute(0, 3, 1, 2, 4)
+        return a.to_out(out.flatten(-2))
+
+
+@contextlib.contextmanager
+def temporal_attention_kernel(module: nn.Module, kernel: str):
+    """Run every `TemporalAttention` of `module` with `kernel` (one of `TemporalAttention.KERNELS`) inside the
+    block."""
+    if kernel not in TemporalAttention.KERNELS:
+        raise ValueError(f"unknown temporal attention kernel {kernel!r}; use one of {TemporalAttention.KERNELS}")
+    blocks = [m for m in module.modules() if isinstance(m, TemporalAttention)]
+    try:
+        for m in blocks:
+            m.kernel = kernel
+        yield module
+    finally:
+        for m in blocks:
+            m.__dict__.pop("kernel", None)  # back to the class default
+
+
+def channels_last_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for x (N, C, H, W) in channels-last memory, its statistics summed in two stages: first over each
+    group's C/G adjacent channels of every pixel (contiguous reads), then over the pixels. A compiler given the
+    one-stage form reads C/G values at a stride of C."""
+    n, c, h, w = x.shape
+    g = norm.num_groups
+    t = x.permute(0, 2, 3, 1).reshape(n, h * w, g, c // g).float()  # a view of channels-last memory
+    count = h * w * (c // g)
+    mean = t.sum(3).sum(1) / count  # (N, G)
+    var = ((t * t).sum(3).sum(1) / count - mean * mean).clamp(min=0)
+    y = (t - mean[:, None, :, None]) * torch.rsqrt(var + norm.eps)[:, None, :, None]
+    y = y.reshape(n, h, w, c)
+    if norm.affine:
+        y = y * norm.weight + norm.bias
+    return y.to(x.dtype).permute(0, 3, 1, 2)
+
+
+GROUP_NORM_LAYOUTS = ("default", "channels-last")
+
+
+@contextlib.contextmanager
+def group_norm_layout(module: nn.Module, layout: str):
+    """Inside the block every nn.GroupNorm of `module` computes as `channels_last_group_norm` ("channels-last") or
+    as torch does ("default")."""
+    if layout not in GROUP_NORM_LAYOUTS:
+        raise ValueError(f"unknown group norm layout {layout!r}; use one of {GROUP_NORM_LAYOUTS}")
+    norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)] if layout == "channels-last" else []
+    try:
+        for m in norms:
+            m.forward = functools.partial(channels_last_group_norm, m)
+        yield module
+    finally:
+        for m in norms:
+            del m.forward
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
