@@ -26,7 +26,7 @@ from nuwaxl.engine.registry import TORCH_MODES, TorchMode
 from nuwaxl.errors import UserError, option
 from nuwaxl.files import write_bytes
 from nuwaxl.iospec import IOSpec
-from nuwaxl.models.layers import temporal_conv_layout
+from nuwaxl.models.layers import temporal_attention_kernel, temporal_conv_layout
 
 # How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
 CUDA_GRAPHS = "captured with torch.cuda.graph, one graph per batch shape (packages load with run_single_threaded)"
@@ -182,8 +182,8 @@ STATIC_ROWS = {"unet_prepare": ("min",), "unet_step": ("min", "max"), "vae_encod
 # the package's .so (a 2 GB .so for the paper UNet) but kept once per network in NET.safetensors and handed to
 # every package of that network as user-managed constants (one copy on the GPU); compiled with the largest batch
 # as the size hint. v3: STATIC_ROWS packages; on a GPU, 2-D convolution weights channels-last (NHWC), as the live
-# torch modes run them (paper unet_step, 1 row: 8.76 -> 8.0 ms per step). v4: TEMPORAL_CONV.
-PACKAGING = 4
+# torch modes run them (paper unet_step, 1 row: 8.76 -> 8.0 ms per step). v4: TEMPORAL_CONV. v5: TEMPORAL_ATTENTION.
+PACKAGING = 5
 # How the packages run temporal convolutions (`models.layers.TemporalConv.LAYOUTS`): "frames-as-height", a (k, 1)
 # 2-D convolution on the channels-last hidden state read as (B, L, H*W, C), instead of a Conv3d on (B, C, L, H, W)
 # with layout copies around it. Measured on an H200 (paper unet_step, fp16 static packages, CUDA-graph replay, both
@@ -191,6 +191,12 @@ PACKAGING = 4
 # 5.74 ms per step, 69 rows 164.0 -> 152.1 ms. Tiny preset, fp32 on our 2-core CPU: 7.5 -> 5.5 ms at 2 rows
 # (aoti-step-variants-tiny-cpu-d590817.json).
 TEMPORAL_CONV = "frames-as-height"
+# How the packages attend over frames (`models.layers.TemporalAttention.KERNELS`): "math", matrix products over the
+# L = 16 frames of each token, instead of a fused attention kernel whose 64 x 128 tiles the 16 frames leave mostly
+# empty. H200, paper unet_step, static fp16 packages, CUDA-graph replay (benchmarks/results/
+# step-variants-paper-h200-8bde77a.json): 69 rows 150.4 -> 147.6 ms (attention kernels 28.4 -> 10.2 ms, the batched
+# matrix products and softmax adding 14 ms), 1 row 5.77 -> 5.79 ms; "fused" (sums of products) was slower, 165.3 ms.
+TEMPORAL_ATTENTION = "math"
 
 
 def static_rows(name: str, spec: IOSpec) -> tuple[int, ...]:
@@ -460,7 +466,8 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     # Compiled with the largest batch as the example: Inductor picks kernel configurations for the example's
     # sizes, and the largest batches (a whole level of a long video) are where the time goes.
     sample = job.sample(spec, spec.batch_max, dtype)
-    with torch.no_grad(), temporal_conv_layout(module, TEMPORAL_CONV):
+    with torch.no_grad(), temporal_conv_layout(module, TEMPORAL_CONV), \
+            temporal_attention_kernel(module, TEMPORAL_ATTENTION):
         if job.device.type == "cuda":  # the layout the live torch modes run (PACKAGING v3), the (k, 1) temporal
             channels_last_convs(module)  # convolutions too; the weights file keeps it
         program = torch.export.export(module, tuple(sample[n] for n in names),
@@ -481,7 +488,8 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
                                 batches=sorted({*asked, *extra}))
     write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": job.weights_id,
                               "precision": job.precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
-                              "packaging": PACKAGING, "temporal_conv": TEMPORAL_CONV, "device": str(job.device),
+                              "packaging": PACKAGING, "temporal_conv": TEMPORAL_CONV,
+                              "temporal_attention": TEMPORAL_ATTENTION, "device": str(job.device),
                               "torch": torch.__version__, "parity": result})
     check_parity(name, result, man_path)
     job.log(f"{name}: AOTInductor package compiled in {compile_s} s, {parity_text(result)}")

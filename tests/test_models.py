@@ -15,7 +15,13 @@ from nuwaxl.models.checkpoint import (
     save_checkpoint,
     with_sampling,
 )
-from nuwaxl.models.layers import TemporalConv, temporal_conv_layout
+from nuwaxl.models.layers import (
+    TemporalAttention,
+    TemporalConv,
+    group_norm_layout,
+    temporal_attention_kernel,
+    temporal_conv_layout,
+)
 from nuwaxl.models.unet import ConditionInjection, MaskUNet3D
 from nuwaxl.models.vae import TKLVAE
 
@@ -103,6 +109,32 @@ def test_temporal_conv_layouts_compute_the_same_function():
     torch.testing.assert_close(rows, volume, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="frames-as-height"):
         with temporal_conv_layout(vae, "nhwc"):
+            pass
+
+
+@torch.no_grad()
+def test_temporal_attention_kernels_and_group_norm_layouts_compute_the_same_function():
+    """The compiled engines' temporal attention ("math", "fused": attention over frames without gathering the
+    tokens into sequences) and two-stage channels-last GroupNorm give the UNet's output, eagerly and compiled
+    (Inductor, as AOTInductor compiles them); the contexts put every layer back."""
+    torch.manual_seed(0)
+    unet = MaskUNet3D(TINY.unet).eval()
+    for m in unet.modules():  # temporal attention is a no-op at init (zero output projection): make it count
+        if isinstance(m, TemporalAttention):
+            m.attn.to_out.weight.normal_(std=0.2)
+    x, t, ctx, cond, mask = unet_inputs()
+    reference = unet(x, t, ctx, cond, mask)
+    for kernel, norm in (("math", "default"), ("fused", "default"), ("sdpa", "channels-last")):
+        with temporal_attention_kernel(unet, kernel), group_norm_layout(unet, norm):
+            out = unet(x, t, ctx, cond, mask)
+            torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+            if kernel == "fused":
+                compiled = torch.compile(unet, dynamic=False)(x, t, ctx, cond, mask)
+                torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-4)
+    assert all(m.kernel == "sdpa" for m in unet.modules() if isinstance(m, TemporalAttention))
+    assert all("forward" not in m.__dict__ for m in unet.modules() if isinstance(m, torch.nn.GroupNorm))
+    with pytest.raises(ValueError, match="fused"):
+        with temporal_attention_kernel(unet, "flash"):
             pass
 
 
