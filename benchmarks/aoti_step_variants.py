@@ -6,7 +6,7 @@ size hint: what `build` made up to git 4962023) or for one static batch; 2-D con
 `build` stored) or channels-last (NHWC, what the live torch modes use); options (`OPTIONS`): `fah` temporal
 convolutions "frames-as-height" (`models.layers.temporal_conv_layout`; what `build` makes since f3b4aad),
 `tmath` / `tsum` temporal attention as matrix products / as sums of products (`models.layers.TemporalAttention`),
-`gn2` GroupNorm statistics in two stages over channels-last memory (`models.layers.group_norm_layout`), `fp8` the
+`fp8` the
 transformer blocks' linear layers in e4m3 (`models.fp8`, input ranges calibrated on the sample inputs at a few
 timesteps), `tune` Inductor's max-autotune for matmuls (cuBLAS against Triton templates) and coordinate-descent
 tuning of its Triton kernels, `mm1` 1x1 convolutions as matmuls.
@@ -61,7 +61,6 @@ def models_and_spec(preset: str, rows: int, layout: str, network: str = "unet_st
 OPTIONS = {"fah": {"temporal": "frames-as-height"},
            "tmath": {"attention": "math"},
            "tsum": {"attention": "fused"},
-           "gn2": {"group_norm": "channels-last"},
            "fp8": {"fp8": True},
            "tune": {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
                                  "coordinate_descent_tuning": True}},
@@ -74,7 +73,7 @@ def variant_options(name: str) -> tuple[str, str, dict]:
     unknown = [o for o in opts if o not in OPTIONS]
     if unknown:
         raise SystemExit(f"unknown variant option {unknown[0]!r} in {name!r}; options: {', '.join(OPTIONS)}")
-    merged = {"temporal": "volume", "attention": "sdpa", "group_norm": "default", "fp8": False, "inductor": {}}
+    merged = {"temporal": "volume", "attention": "sdpa", "fp8": False, "inductor": {}}
     for o in opts:
         for k, v in OPTIONS[o].items():
             merged[k] = {**merged[k], **v} if k == "inductor" else v
@@ -107,7 +106,7 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
     from nuwaxl.engine.torch_backend import aoti_compile, channels_last_convs
     from nuwaxl.export.onnx_export import dynamic_shapes
     from nuwaxl.models.fp8 import quantize_fp8
-    from nuwaxl.models.layers import group_norm_layout, temporal_attention_kernel, temporal_conv_layout
+    from nuwaxl.models.layers import temporal_attention_kernel, temporal_conv_layout
 
     shape, layout, opts = variant_options(name)
     module, spec, config = models_and_spec(preset, rows, layout, network)
@@ -118,7 +117,7 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
     if opts["fp8"]:
         quantize_fp8(module, calibrate_fp8(module, spec, config, min(batch, 4)))
     with torch.no_grad(), temporal_conv_layout(module, opts["temporal"]), inductor_config.patch(opts["inductor"]), \
-            temporal_attention_kernel(module, opts["attention"]), group_norm_layout(module, opts["group_norm"]):
+            temporal_attention_kernel(module, opts["attention"]):
         if layout == "nhwc":  # the (k, 1) convolutions made for "frames-as-height" too
             channels_last_convs(module)
         program = torch.export.export(module, tuple(x[t.name] for t in spec.inputs),

@@ -7,7 +7,6 @@ temporal layers fold space into batch instead (Eq. 9, and TA after Eq. 15). `num
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
@@ -46,27 +45,38 @@ class TemporalConv(nn.Module):
 
 
 @contextlib.contextmanager
+def each_module(module: nn.Module, kind: type[nn.Module], attr: str, value: str, choices: tuple[str, ...]):
+    """Inside the block, every `kind` submodule of `module` has `attr` = `value` (one of `choices`); afterwards the
+    class default again. Yields those submodules."""
+    if value not in choices:
+        raise ValueError(f"unknown {kind.__name__} {attr} {value!r}; use one of {choices}")
+    found = [m for m in module.modules() if isinstance(m, kind)]
+    try:
+        for m in found:
+            setattr(m, attr, value)
+        yield found
+    finally:
+        for m in found:
+            m.__dict__.pop(attr, None)
+
+
+@contextlib.contextmanager
 def temporal_conv_layout(module: nn.Module, layout: str):
     """Run every `TemporalConv` of `module` with `layout` (one of `TemporalConv.LAYOUTS`) inside the block. For
     "frames-as-height" each gets a temporary `frames_conv`, a Conv2d whose parameters are views of the Conv3d's (an
     exporter then writes them as weights, not as an op on the 3-D ones)."""
-    if layout not in TemporalConv.LAYOUTS:
-        raise ValueError(f"unknown temporal convolution layout {layout!r}; use one of {TemporalConv.LAYOUTS}")
-    convs = [m for m in module.modules() if isinstance(m, TemporalConv)]
-    try:
-        for m in convs:
-            m.layout = layout
-            if layout == "frames-as-height":
+    with each_module(module, TemporalConv, "layout", layout, TemporalConv.LAYOUTS) as convs:
+        try:
+            for m in convs if layout == "frames-as-height" else ():
                 k, c = m.conv.kernel_size[0], m.conv.out_channels
                 m.frames_conv = nn.Conv2d(c, c, (k, 1), padding=(k // 2, 0), device="meta")
                 m.frames_conv.weight = nn.Parameter(m.conv.weight.detach().squeeze(-1), requires_grad=False)
                 m.frames_conv.bias = nn.Parameter(m.conv.bias.detach(), requires_grad=False)
-        yield module
-    finally:
-        for m in convs:
-            del m.layout  # back to the class default
-            if "frames_conv" in m._modules:
-                del m.frames_conv
+            yield module
+        finally:
+            for m in convs:
+                if "frames_conv" in m._modules:
+                    del m.frames_conv
 
 
 class STConv(nn.Module):
@@ -168,56 +178,10 @@ class TemporalAttention(nn.Module):
         return a.to_out(out.flatten(-2))
 
 
-@contextlib.contextmanager
 def temporal_attention_kernel(module: nn.Module, kernel: str):
     """Run every `TemporalAttention` of `module` with `kernel` (one of `TemporalAttention.KERNELS`) inside the
     block."""
-    if kernel not in TemporalAttention.KERNELS:
-        raise ValueError(f"unknown temporal attention kernel {kernel!r}; use one of {TemporalAttention.KERNELS}")
-    blocks = [m for m in module.modules() if isinstance(m, TemporalAttention)]
-    try:
-        for m in blocks:
-            m.kernel = kernel
-        yield module
-    finally:
-        for m in blocks:
-            m.__dict__.pop("kernel", None)  # back to the class default
-
-
-def channels_last_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` for x (N, C, H, W) in channels-last memory, its statistics summed in two stages: first over each
-    group's C/G adjacent channels of every pixel (contiguous reads), then over the pixels. A compiler given the
-    one-stage form reads C/G values at a stride of C."""
-    n, c, h, w = x.shape
-    g = norm.num_groups
-    t = x.permute(0, 2, 3, 1).reshape(n, h * w, g, c // g).float()  # a view of channels-last memory
-    count = h * w * (c // g)
-    mean = t.sum(3).sum(1) / count  # (N, G)
-    var = ((t * t).sum(3).sum(1) / count - mean * mean).clamp(min=0)
-    y = (t - mean[:, None, :, None]) * torch.rsqrt(var + norm.eps)[:, None, :, None]
-    y = y.reshape(n, h, w, c)
-    if norm.affine:
-        y = y * norm.weight + norm.bias
-    return y.to(x.dtype).permute(0, 3, 1, 2)
-
-
-GROUP_NORM_LAYOUTS = ("default", "channels-last")
-
-
-@contextlib.contextmanager
-def group_norm_layout(module: nn.Module, layout: str):
-    """Inside the block every nn.GroupNorm of `module` computes as `channels_last_group_norm` ("channels-last") or
-    as torch does ("default")."""
-    if layout not in GROUP_NORM_LAYOUTS:
-        raise ValueError(f"unknown group norm layout {layout!r}; use one of {GROUP_NORM_LAYOUTS}")
-    norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)] if layout == "channels-last" else []
-    try:
-        for m in norms:
-            m.forward = functools.partial(channels_last_group_norm, m)
-        yield module
-    finally:
-        for m in norms:
-            del m.forward
+    return each_module(module, TemporalAttention, "kernel", kernel, TemporalAttention.KERNELS)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

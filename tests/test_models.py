@@ -18,7 +18,6 @@ from nuwaxl.models.checkpoint import (
 from nuwaxl.models.layers import (
     TemporalAttention,
     TemporalConv,
-    group_norm_layout,
     temporal_attention_kernel,
     temporal_conv_layout,
 )
@@ -113,10 +112,10 @@ def test_temporal_conv_layouts_compute_the_same_function():
 
 
 @torch.no_grad()
-def test_temporal_attention_kernels_and_group_norm_layouts_compute_the_same_function():
+def test_temporal_attention_kernels_compute_the_same_function():
     """The compiled engines' temporal attention ("math", "fused": attention over frames without gathering the
-    tokens into sequences) and two-stage channels-last GroupNorm give the UNet's output, eagerly and compiled
-    (Inductor, as AOTInductor compiles them); the contexts put every layer back."""
+    tokens into sequences) gives the UNet's output, eagerly and compiled (Inductor, as AOTInductor compiles it);
+    the context puts every layer back."""
     torch.manual_seed(0)
     unet = MaskUNet3D(TINY.unet).eval()
     for m in unet.modules():  # temporal attention is a no-op at init (zero output projection): make it count
@@ -124,15 +123,13 @@ def test_temporal_attention_kernels_and_group_norm_layouts_compute_the_same_func
             m.attn.to_out.weight.normal_(std=0.2)
     x, t, ctx, cond, mask = unet_inputs()
     reference = unet(x, t, ctx, cond, mask)
-    for kernel, norm in (("math", "default"), ("fused", "default"), ("sdpa", "channels-last")):
-        with temporal_attention_kernel(unet, kernel), group_norm_layout(unet, norm):
-            out = unet(x, t, ctx, cond, mask)
-            torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
-            if kernel == "fused":
-                compiled = torch.compile(unet, dynamic=False)(x, t, ctx, cond, mask)
-                torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-4)
+    for kernel in ("math", "fused"):
+        with temporal_attention_kernel(unet, kernel):
+            torch.testing.assert_close(unet(x, t, ctx, cond, mask), reference, rtol=1e-4, atol=1e-4)
+            compiled = torch.compile(unet, dynamic=False)(x, t, ctx, cond, mask)
+            torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-4)
+            torch._dynamo.reset()
     assert all(m.kernel == "sdpa" for m in unet.modules() if isinstance(m, TemporalAttention))
-    assert all("forward" not in m.__dict__ for m in unet.modules() if isinstance(m, torch.nn.GroupNorm))
     with pytest.raises(ValueError, match="fused"):
         with temporal_attention_kernel(unet, "flash"):
             pass
