@@ -17,6 +17,7 @@ from nuwaxl.config import LARGE_VIDEO_FRAMES, SAMPLERS
 from nuwaxl.engine.registry import BACKENDS, ENGINE_TORCH_MODES
 from nuwaxl.errors import UserError, option, speaking_to_cli
 from nuwaxl.iospec import ELEMENT_TYPES, ENGINE_PRECISIONS
+from nuwaxl.train.data import STORY_VERSIONS
 
 PRESET_NAMES = ("tiny", "small", "paper")
 
@@ -332,6 +333,12 @@ def add_train(sub) -> None:
     p.add_argument("--stories", type=positive_int, default=64, help="procedural stories to train on")
     p.add_argument("--story-frames", type=positive_int, default=3376, help="frames per procedural story")
     p.add_argument("--data-seed", type=int, default=0, help="procedural stories of this seed (held out: seed+1000)")
+    p.add_argument("--story-version", type=int, choices=STORY_VERSIONS, default=1,
+                   help="procedural stories: 1 flat shapes (the bundled weights), 2 figures with moving limbs and "
+                   "state the captions do not mention (outfits, a boulder, fading daylight)")
+    p.add_argument("--ar-fraction", type=float, default=0.2,
+                   help="mtd: share of autoregressive clips (consecutive frames, the first given); 1 trains the "
+                   "paper's FDM* baseline (short clips only), to be run with generate --mode ar")
     p.add_argument("--batch", type=positive_int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--depth", type=positive_int, default=3, help="mtd: deepest tree sampled")
@@ -360,8 +367,8 @@ def cmd_train(args) -> None:
     from nuwaxl.train.videos import folder_corpus, synthetic_corpus
 
     opts = TrainOptions(args.stage, args.steps, batch=args.batch, lr=args.lr, depth=args.depth,
-                        save_every=args.save_every, seed=args.seed, time_limit_s=args.time_limit,
-                        at_limit=args.at_limit)
+                        ar_fraction=args.ar_fraction, save_every=args.save_every, seed=args.seed,
+                        time_limit_s=args.time_limit, at_limit=args.at_limit)
     device = resolve_device(args.device)
     current = Path(args.run) / "models.safetensors"
     if current.is_file():  # an existing run continues with its own weights and architecture
@@ -371,11 +378,13 @@ def cmd_train(args) -> None:
     res = init.config.resolution
     if (args.videos is None) != (args.captions is None):
         raise UserError("--videos and --captions go together: a folder of videos and their per-frame captions")
-    holdout = synthetic_corpus(args.data_seed + 1000, 4, args.story_frames, res, args.workers)
+    holdout = synthetic_corpus(args.data_seed + 1000, 4, args.story_frames, res, args.workers,
+                               version=args.story_version)
     if args.videos:
         videos = folder_corpus(args.videos, args.captions, res)
     else:
-        videos = synthetic_corpus(args.data_seed, args.stories, args.story_frames, res, args.workers)
+        videos = synthetic_corpus(args.data_seed, args.stories, args.story_frames, res, args.workers,
+                                  version=args.story_version)
     summary = run_stage(args.run, opts, videos, holdout, init, device, progress=not args.no_progress)
     if args.export:
         models = load_checkpoint(Path(args.run) / "models.safetensors")

@@ -160,6 +160,10 @@ class TrainingRecord:
     trained: bool = True  # False: random initialisation (a preset's weights, for tests and speed runs)
     resolution: int | None = None  # frame size of the training data in px; None: unknown
     words: tuple[str, ...] = ()  # the training captions' vocabulary, lower case, sorted; (): unknown
+    story_version: int | None = None  # procedural stories trained on (nuwaxl.train.data); None: unknown or own videos
+    # share of the MTD's training clips that were autoregressive (consecutive frames, the first given); 1.0: the
+    # paper's FDM* baseline, trained on short clips only; None: unknown
+    ar_fraction: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

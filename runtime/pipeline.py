@@ -130,6 +130,10 @@ def prepare(config: ModelConfig, prompts: list[str] | str, num_frames: int,
         _warn_long_prompts(prompts, tokenizer)
     if trained_on is not None and trained_on.trained:
         _warn_outside_training(prompts, config, trained_on)
+        if mode == "dod" and trained_on.ar_fraction == 1.0:
+            warnings.warn("these weights were trained on consecutive short clips only (the FDM* baseline): diffusion "
+                          "over diffusion asks them for keyframes and in-betweens they never saw; use "
+                          f"{option('mode', 'ar')}", stacklevel=3)
     return request
 
 

@@ -76,3 +76,48 @@ def test_clip_sampling_errors_name_the_fix():
         sample_clip(1000, 16, 3, rng)
     with pytest.raises(ValueError, match="level=4 must be between 1 and depth=3"):
         sample_clip(4000, 16, 3, rng, level=4)
+
+
+def test_version_2_stories_keep_the_captions_and_add_unmentioned_state():
+    """Version 2 changes the pictures, not the story: the same shots and captions; each character keeps one outfit
+    for the whole story, the boulder lies in one place from its event on, the daylight fades with the frame index,
+    and a shorter rendering is a prefix of a longer one. Version 1 renders as before."""
+    from nuwaxl.train.data import BOULDER_COLOUR, OUTFITS, LongVideo, daylight
+
+    v1, v2 = LongVideo(0, 2, 1400, 64), LongVideo(0, 2, 1400, 64, version=2)
+    assert v1.shots == v2.shots and all(v1.caption(i) == v2.caption(i) for i in range(0, 1400, 7))
+    st = v2.story
+    outfits = {}
+    for i in range(1400):
+        lab = v2.labels(i)
+        for c, o in zip(lab.characters, lab.outfits, strict=True):
+            assert outfits.setdefault(c, o) == o == st.outfits[c]
+        assert lab.light == daylight(i) and lab.light <= 1.0
+        assert (lab.boulder is not None) == (i >= st.boulder_from and lab.location == st.boulder_location)
+    assert daylight(1399) < daylight(0) - 0.15
+    shown = [i for i in range(1400) if v2.labels(i).boulder is not None]
+    assert shown, "this story shows its boulder"
+    frame = v2.frame(shown[0])
+    assert (frame == BOULDER_COLOUR).all(-1).sum() > 20 and not (v2.frame(0) == BOULDER_COLOUR).all(-1).any()
+    lab = v2.labels(100)
+    assert (v2.frame(100) == OUTFITS[lab.outfits[0]]).all(-1).sum() > 40  # body and limbs in the outfit
+    assert np.array_equal(LongVideo(0, 2, 300, 64, version=2).frame(250), v2.frame(250))  # length-independent
+    assert not np.array_equal(v1.frame(100), v2.frame(100))
+    with pytest.raises(ValueError, match="story version 3 is unknown; use one of \\(1, 2\\)"):
+        LongVideo(0, 0, 10, 32, version=3)
+
+
+def test_version_2_walkers_move_their_limbs():
+    """A walker's legs swing: its figure changes shape between frames half a gait apart even where its head has
+    moved less than a pixel, while a standing character's figure does not change at all."""
+    from nuwaxl.train.data import GAIT_FRAMES, OUTFITS, LongVideo
+
+    video = LongVideo(2, 1, 3000, 64, version=2)
+    for action, changes in ((1, True), (2, True), (0, False)):
+        shot = next(s for s in video.shots if len(s.actors) == 1 and s.actors[0].action == action
+                    and s.length > GAIT_FRAMES)
+        lab = video.labels(shot.start)
+        colour = OUTFITS[lab.outfits[0]]
+        a = (video.frame(shot.start + 3) == colour).all(-1)
+        b = (video.frame(shot.start + 3 + GAIT_FRAMES // 2) == colour).all(-1)
+        assert (a != b).sum() > 5 if changes else (a == b).all(), action

@@ -266,3 +266,87 @@ def test_eval_of_noise_scores_low_and_cli_writes_json(tmp_path, capsys):
     assert main(["eval", "--preset", "tiny", "--frames", "16", "--stories", "1", "--steps", "2", "--device", "cpu",
                  "--out", str(out)]) == 0
     assert json.loads(out.read_text())["num_frames"] == 16
+
+
+@pytest.fixture(scope="module")
+def story_v2():
+    """A held-out version-2 story whose boulder shows in frames far apart, its frames and captions."""
+    from nuwaxl.train.data import LongVideo
+
+    video = LongVideo(1000, 0, 1024, 64, version=2)
+    return video, video.clip(range(1024)), [video.caption(i) for i in range(1024)]
+
+
+def test_coherence_reads_the_unmentioned_state_and_sees_it_break(story_v2):
+    """Real frames: the outfits read are the labels' (where the head is not hidden), and every coherence score is
+    1. Outfits swapped in the second half, the boulder gone after its first showing, or a constant daylight each
+    lower their score; a 16-frame video compares frames 8 apart."""
+    from nuwaxl.train.data import BOULDER_COLOUR, OUTFITS, LongVideo
+    from nuwaxl.train.evaluate import coherence_summary, read_state
+
+    video, frames, captions = story_v2
+    states = read_state(frames, captions)
+    labelled = [(s.outfits.get(c), o) for i, s in enumerate(states)
+                for c, o in zip(video.labels(i).characters, video.labels(i).outfits, strict=True)]
+    assert np.mean([a == b for a, b in labelled]) > 0.95
+    real = coherence_summary([frames], [captions])
+    assert min(real[k] for k in ("identity_stability", "outfit_agreement", "boulder_persistence",
+                                 "daylight_accuracy", "coherence")) > 0.99, real
+    swapped = frames.copy()
+    for f in swapped[512:]:
+        masks = [(f == o).all(-1) for o in OUTFITS]
+        for k, m in enumerate(masks):
+            f[m] = OUTFITS[(k + 1) % len(OUTFITS)]
+    broken = coherence_summary([swapped], [captions])
+    assert broken["outfit_agreement"] < 0.5 and broken["identity_stability"] < 0.8, broken
+    first = next(i for i, s in enumerate(states) if s.boulder is not None)
+    gone = frames.copy()
+    for f in gone[first + 1:]:
+        boulder = (f == BOULDER_COLOUR).all(-1)
+        f[boulder] = f[-1, 0]  # the ground
+    assert coherence_summary([gone], [captions])["boulder_persistence"] < 0.1
+    day = frames.copy()
+    day[:, :3] = frames[0, :3]  # the sky of frame 0: no dusk
+    assert coherence_summary([day], [captions])["daylight_accuracy"] < 0.9
+    short = LongVideo(1000, 0, 16, 64, version=2)
+    summary = coherence_summary([short.clip(range(16))], [[short.caption(i) for i in range(16)]])
+    assert summary["coherence_gap_frames"] == 8 and summary["coherence"] > 0.99, summary
+
+
+def test_eval_of_version_2_frames_adds_coherence_with_its_own_probe(story_v2):
+    """The bundled version-2 probe reads version-2 frames (attribute accuracy on real frames), and the eval reports
+    the coherence scores beside the real frames' own."""
+    _, frames, captions = story_v2
+    scores = evaluate_videos([frames[:256]], [captions[:256]], [frames[:256]], version=2)
+    assert scores["story_version"] == 2 and scores["attribute_accuracy"] > 0.9, scores
+    assert scores["coherence"] > 0.99 and scores["real_coherence"] == scores["coherence"]
+
+
+def test_fdm_star_trains_on_consecutive_clips_only_and_warns_against_dod(tmp_path):
+    """`train --ar-fraction 1` is the paper's FDM* baseline: every MTD clip is consecutive frames with the first
+    given; the weights record it (and the story version), and generating with diffusion over diffusion warns."""
+    from nuwaxl.runtime.pipeline import Pipeline
+
+    videos = synthetic_corpus(0, 1, 300, 32, version=2)
+    models = NuwaModels.random(preset("tiny"))
+    rng = np.random.default_rng(0)
+    opts = TrainOptions("mtd", 1, depth=2, ar_fraction=1.0)
+    clips = [mtd_clip(Corpus(videos, models, CPU), 16, opts, rng)[1] for _ in range(100)]
+    assert {c.cond_slots for c in clips} == {(0,)}
+    assert all(np.array_equal(np.diff(c.positions), np.ones(15)) for c in clips)
+    with pytest.raises(UserError, match="ar_fraction=1.5 must be between 0 and 1"):
+        TrainOptions("mtd", 1, ar_fraction=1.5)
+    run, export = tmp_path / "fdm", tmp_path / "fdm.safetensors"
+    args = ["train", "--run", str(run), "--preset", "tiny", "--stories", "1", "--story-frames", "240", "--batch", "2",
+            "--device", "cpu", "--no-progress", "--story-version", "2", "--ar-fraction", "1"]
+    assert main(args + ["--stage", "mtd", "--steps", "2", "--export", str(export)]) == 0
+    record = load_checkpoint(export).trained_on
+    assert record.ar_fraction == 1.0 and record.story_version == 2
+    pipe = Pipeline.from_pretrained(export, device="cpu")
+    with pytest.warns(UserWarning, match="trained on consecutive short clips only .* use mode='ar'"):
+        pipe.prepare("Fred walks in the yard", 46)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.prepare("Fred walks in the yard", 46, mode="ar")

@@ -33,3 +33,13 @@ def test_records_round_trip_and_a_changed_checkpoint_is_caught(tmp_path):
         f.write(b"\0")
     with pytest.raises(UserError, match="were built from .*w.safetensors, which is missing or changed"):
         WeightsSource.from_record(record, tmp_path)
+
+
+def test_bundled_weights_stay_under_20_mib():
+    """Everything under nuwaxl/assets/weights (generator and probes) is checked in: at most 20 MiB together."""
+    from pathlib import Path
+
+    import nuwaxl
+
+    folder = Path(nuwaxl.__file__).parent / "assets" / "weights"
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 20 * 2**20

@@ -51,7 +51,7 @@ class TrainOptions:
     warmup: int = 100
     ema: float = 0.999
     depth: int = 3  # mtd: deepest tree sampled (trees of depth 1..depth, levels uniform)
-    ar_fraction: float = 0.2  # mtd: share of autoregressive clips (first frame as condition)
+    ar_fraction: float = 0.2  # mtd: share of autoregressive clips (first frame as condition); 1.0: FDM*
     prompt_dropout: float = 0.1  # mtd: empty prompt, for classifier-free guidance
     kl_weight: float = 1e-6
     log_every: int = 50
@@ -65,6 +65,9 @@ class TrainOptions:
             raise UserError(f"unknown stage {self.stage!r}; use one of {', '.join(STAGES)}")
         if self.at_limit not in ("pause", "finish"):
             raise UserError(f"at_limit={self.at_limit!r}: use 'pause' or 'finish'")
+        if not 0.0 <= self.ar_fraction <= 1.0:
+            raise UserError(f"ar_fraction={self.ar_fraction} must be between 0 and 1 (1: the FDM* baseline, trained "
+                            "on consecutive clips only)")
         if self.steps < 1 or self.batch < 1:
             raise UserError(f"steps={self.steps} and batch={self.batch} must be at least 1")
 
@@ -86,6 +89,8 @@ class Corpus:
         self.frames = [torch.from_numpy(v.frames).to(device) for v in videos]
         self.caption_ids = [torch.tensor([index[c] for c in v.captions], device=device) for v in videos]
         self.words = sorted({w for c in captions for w in words(c)})  # the vocabulary the MTD learns
+        versions = {v.story_version for v in videos}
+        self.story_version = versions.pop() if len(versions) == 1 else None
         self.lengths = np.array([len(v) for v in videos])
         self.device = device
 
@@ -141,9 +146,17 @@ class Trainer:
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         self.schedule = NoiseSchedule.from_config(models.config.diffusion)
         # What the weights will have been trained on: generation warns about prompts outside these words and
-        # resolutions other than this one. A continued run keeps the words it knew before.
-        models.trained_on = TrainingRecord(True, models.config.resolution,
-                                         tuple(sorted(set(corpus.words) | set(models.trained_on.words))))
+        # resolutions other than this one (and DoD on FDM* weights). A continued run keeps the words it knew
+        # before; a story version or clip mix that differs from the earlier training's is recorded as unknown.
+        before = models.trained_on
+
+        def same(now, then):
+            return now if not before.trained or then in (None, now) else None
+
+        models.trained_on = TrainingRecord(
+            True, models.config.resolution, tuple(sorted(set(corpus.words) | set(before.words))),
+            same(corpus.story_version, before.story_version),
+            same(opts.ar_fraction, before.ar_fraction) if opts.stage == "mtd" else before.ar_fraction)
         if opts.stage == "vae-image":  # the image KL-VAE: the same tree without temporal layers
             image_cfg = dataclasses.replace(models.config.vae, temporal=False)
             self.net = TKLVAE(image_cfg).to(device)

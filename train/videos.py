@@ -30,22 +30,23 @@ class CorpusVideo:
     name: str
     frames: np.ndarray  # (N, H, W, 3) uint8
     captions: list[str]  # one per frame
+    story_version: int | None = None  # procedural stories: their version (nuwaxl.train.data); None: a user's video
 
     def __len__(self) -> int:
         return len(self.frames)
 
 
 def _render(args) -> CorpusVideo:
-    seed, index, num_frames, resolution = args
-    video = LongVideo(seed, index, num_frames, resolution)
+    seed, index, num_frames, resolution, version = args
+    video = LongVideo(seed, index, num_frames, resolution, version)
     frames = video.clip(range(num_frames))
-    return CorpusVideo(f"story-{seed}-{index}", frames, [video.caption(i) for i in range(num_frames)])
+    return CorpusVideo(f"story-{seed}-{index}", frames, [video.caption(i) for i in range(num_frames)], version)
 
 
 def synthetic_corpus(seed: int, stories: int, num_frames: int, resolution: int, workers: int = 1,
-                     first: int = 0) -> list[CorpusVideo]:
-    """Stories `first .. first+stories-1` of `seed`, rendered (in `workers` processes)."""
-    jobs = [(seed, first + i, num_frames, resolution) for i in range(stories)]
+                     first: int = 0, version: int = 1) -> list[CorpusVideo]:
+    """Stories `first .. first+stories-1` of `seed` in story `version`, rendered (in `workers` processes)."""
+    jobs = [(seed, first + i, num_frames, resolution, version) for i in range(stories)]
     if workers <= 1:
         return [_render(j) for j in jobs]
     with ProcessPoolExecutor(workers) as pool:
