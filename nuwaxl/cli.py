@@ -394,7 +394,8 @@ def cmd_train(args) -> None:
 
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="generate held-out procedural stories and score them (Avg-FD, Block-FD-16, "
-                       "caption-attribute accuracy, character consistency)",
+                       "caption-attribute accuracy, character consistency, motion; on version-2 stories also identity "
+                       "stability and long-term coherence)",
                        formatter_class=Help)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None, help="trt-nuwaxl .safetensors checkpoint (default: bundled)")
