@@ -38,6 +38,7 @@ DAY_FRAMES = 4096
 DUSK_LIGHT = 0.5
 GAIT_FRAMES = 12
 WALK_SPEED = 0.004  # walkers move this fraction of the frame width per frame (0.26 px at 64 px)
+JUMP, JUMP_V2 = 0.25, 0.15  # a jump's height (16-frame hops), versions 1 and 2
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class LongVideo:
             elif a.action == 2:
                 x = a.x0 + WALK_SPEED * t
             elif a.action == 3:
-                y -= 0.25 * abs(np.sin(np.pi * t / 16.0)) if not v2 else 0.15 * abs(np.sin(np.pi * t / 16.0))
+                y -= (JUMP_V2 if v2 else JUMP) * abs(np.sin(np.pi * t / 16.0))
             x = 0.1 + (x - 0.1) % 0.8  # walkers wrap around inside the frame
             positions.append((float(x), float(y)))
         chars = tuple(a.character for a in shot.actors)

@@ -194,15 +194,15 @@ def colour_pixels(frames: np.ndarray, version: int) -> np.ndarray:
     return probe_pixels(frames) if version == 1 else frames.astype(np.float32)
 
 
-def find_characters(frames: np.ndarray, prompts: list[str], version: int = 1) -> list[dict[int, Sighting]]:
-    """Per frame (N, H, W, 3) uint8, every cast character found by its cast colour (version 1: the body; 2: the
-    head), prompted or not; the background's colours compete for pixels (`scene_colours`). Positions in pixels
-    of a PROBE_RES frame."""
+def classify_frames(frames: np.ndarray, prompts: list[str], version: int):
+    """Per frame (N, H, W, 3) uint8: (its `colour_pixels`, the prompt's location, `nearest_colours`, and every cast
+    character found by its cast colour (version 1: the body; 2: the head), prompted or not, with positions in
+    pixels of a PROBE_RES frame)."""
     frames = colour_pixels(frames, version)
     scale = PROBE_RES / frames.shape[1]
-    out = []
     for frame, prompt in zip(frames, prompts, strict=True):
-        nearest, close = nearest_colours(frame, parse_caption(prompt)[0], version)
+        loc = parse_caption(prompt)[0]
+        nearest, close = nearest_colours(frame, loc, version)
         found = {}
         for c in range(len(CAST)):
             body = (nearest == c) & close
@@ -210,8 +210,12 @@ def find_characters(frames: np.ndarray, prompts: list[str], version: int = 1) ->
             if len(xs) * scale**2 >= MIN_BODY_PIXELS:
                 found[c] = Sighting(float(xs.mean()) * scale, float(ys.mean()) * scale,
                                     tuple(frame[body].mean(0).tolist()))
-        out.append(found)
-    return out
+        yield frame, loc, nearest, close, found
+
+
+def find_characters(frames: np.ndarray, prompts: list[str], version: int = 1) -> list[dict[int, Sighting]]:
+    """Per frame, the characters `classify_frames` finds."""
+    return [found for *_, found in classify_frames(frames, prompts, version)]
 
 
 def character_scores(frames: np.ndarray, prompts: list[str], version: int = 1) -> dict:
@@ -265,15 +269,11 @@ MIN_BOULDER_PIXELS = 15  # a real boulder covers about 35
 def read_state(frames: np.ndarray, prompts: list[str]) -> list[FrameState]:
     """Per version-2 frame: each found character's outfit (the outfit colour most of the pixels just below its head
     are nearest to), the boulder and the daylight."""
-    seen = find_characters(frames, prompts, version=2)
-    pixels = colour_pixels(frames, 2)
-    res = pixels.shape[1]
+    res = frames.shape[1]
     area = (res / PROBE_RES) ** 2  # thresholds are in pixels of a PROBE_RES frame
     first_outfit = len(CAST) + 2  # scene_colours of version 2: sky, ground, the outfits, the boulder
     out = []
-    for frame, prompt, found in zip(pixels, prompts, seen, strict=True):
-        loc = parse_caption(prompt)[0]
-        nearest, close = nearest_colours(frame, loc, 2)
+    for frame, loc, nearest, close, found in classify_frames(frames, prompts, 2):
         outfits = {}
         for c, s in found.items():
             x, top = round(s.x * res / PROBE_RES), round((s.y / PROBE_RES + HEAD * 1.2) * res)
