@@ -6,6 +6,7 @@ size hint: what `build` made up to git 4962023) or for one static batch; 2-D con
 `build` stored) or channels-last (NHWC, what the live torch modes use); options (`OPTIONS`): `fah` temporal
 convolutions "frames-as-height" (`models.layers.temporal_conv_layout`; what `build` makes since f3b4aad),
 `tmath` / `tsum` temporal attention as matrix products / as sums of products (`models.layers.TemporalAttention`),
+`pad8` convolutions with channel counts that are not multiples of 8 zero-padded to them (`models.layers.aligned_convs`),
 `fp8` the
 transformer blocks' linear layers in e4m3 (`models.fp8`, input ranges calibrated on the sample inputs at a few
 timesteps), `tune` Inductor's max-autotune for matmuls (cuBLAS against Triton templates) and coordinate-descent
@@ -27,6 +28,7 @@ Random weights (seed 0): speed does not depend on weight values.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -64,7 +66,8 @@ OPTIONS = {"fah": {"temporal": "frames-as-height"},
            "fp8": {"fp8": True},
            "tune": {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
                                  "coordinate_descent_tuning": True}},
-           "mm1": {"inductor": {"conv_1x1_as_mm": True}}}
+           "mm1": {"inductor": {"conv_1x1_as_mm": True}},
+           "pad8": {"pad": 8}}
 
 
 def variant_options(name: str) -> tuple[str, str, dict]:
@@ -73,7 +76,7 @@ def variant_options(name: str) -> tuple[str, str, dict]:
     unknown = [o for o in opts if o not in OPTIONS]
     if unknown:
         raise SystemExit(f"unknown variant option {unknown[0]!r} in {name!r}; options: {', '.join(OPTIONS)}")
-    merged = {"temporal": "volume", "attention": "sdpa", "fp8": False, "inductor": {}}
+    merged = {"temporal": "volume", "attention": "sdpa", "fp8": False, "inductor": {}, "pad": 0}
     for o in opts:
         for k, v in OPTIONS[o].items():
             merged[k] = {**merged[k], **v} if k == "inductor" else v
@@ -106,7 +109,7 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
     from nuwaxl.engine.torch_backend import aoti_compile, channels_last_convs
     from nuwaxl.export.onnx_export import dynamic_shapes
     from nuwaxl.models.fp8 import quantize_fp8
-    from nuwaxl.models.layers import temporal_attention_kernel, temporal_conv_layout
+    from nuwaxl.models.layers import aligned_convs, temporal_attention_kernel, temporal_conv_layout
 
     shape, layout, opts = variant_options(name)
     module, spec, config = models_and_spec(preset, rows, layout, network)
@@ -120,8 +123,9 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
             temporal_attention_kernel(module, opts["attention"]):
         if layout == "nhwc":  # the (k, 1) convolutions made for "frames-as-height" too
             channels_last_convs(module)
-        program = torch.export.export(module, tuple(x[t.name] for t in spec.inputs),
-                                      dynamic_shapes=dynamic_shapes(module, spec, dim) if dim else None)
+        with aligned_convs(module, opts["pad"]) if opts["pad"] else contextlib.nullcontext():
+            program = torch.export.export(module, tuple(x[t.name] for t in spec.inputs),
+                                          dynamic_shapes=dynamic_shapes(module, spec, dim) if dim else None)
         aoti_compile(program, folder / f"{name}.pt2")
     state = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
     torch.save(state, folder / f"{name}.weights.pt")

@@ -79,6 +79,50 @@ def temporal_conv_layout(module: nn.Module, layout: str):
                     del m.frames_conv
 
 
+class PaddedConv2d(nn.Module):
+    """The function of a Conv2d, run with its input and output channels zero-padded to multiples of `multiple`
+    (cuDNN's fast fp16 kernels want channel counts that are multiples of 8): the input gets zero channels, the
+    weights zero filters, and the output is cut back. Keeps the weights' memory format."""
+
+    def __init__(self, conv: nn.Conv2d, multiple: int):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"cannot pad {conv}: only plain zero-padded convolutions")
+        self.cin, self.cout = conv.in_channels, conv.out_channels
+        self.pad_in, pad_out = -self.cin % multiple, -self.cout % multiple
+        w = conv.weight.detach()
+        fmt = torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        self.weight = nn.Parameter(F.pad(w, (0, 0, 0, 0, 0, self.pad_in, 0, pad_out)).contiguous(memory_format=fmt),
+                                   requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(F.pad(conv.bias.detach(), (0, pad_out)),
+                                                                 requires_grad=False)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_in:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.pad_in))
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return y[:, : self.cout] if y.shape[1] != self.cout else y
+
+
+@contextlib.contextmanager
+def aligned_convs(module: nn.Module, multiple: int = 8):
+    """Inside the block, every Conv2d of `module` whose channel counts are not multiples of `multiple` (the T-KLVAE's
+    RGB and latent convolutions, the temporal ones over 3 channels made by `temporal_conv_layout`) runs as a
+    `PaddedConv2d`: the same function. Yields the number replaced; afterwards the original modules again."""
+    swapped = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d) and (child.in_channels % multiple or child.out_channels % multiple):
+                parent._modules[name] = PaddedConv2d(child, multiple)
+                swapped.append((parent, name, child))
+    try:
+        yield len(swapped)
+    finally:
+        for parent, name, child in swapped:
+            parent._modules[name] = child
+
+
 class STConv(nn.Module):
     """A spatial convolution followed, when temporal layers are on, by an identity-initialised temporal one."""
 

@@ -112,6 +112,37 @@ def test_temporal_conv_layouts_compute_the_same_function():
 
 
 @torch.no_grad()
+def test_aligned_convs_compute_the_same_function_with_channels_in_multiples_of_8():
+    """The T-KLVAE's RGB and latent convolutions (and, frames-as-height, its temporal ones over 3 channels) run
+    zero-padded to 8 channels inside the block, channels-last weights staying channels-last; encode and decode give
+    the same outputs, and the modules are put back."""
+    from nuwaxl.engine.torch_backend import channels_last_convs
+    from nuwaxl.models.layers import PaddedConv2d, aligned_convs
+
+    torch.manual_seed(0)
+    vae = TKLVAE(TINY.vae).eval()
+    for m in vae.modules():
+        if isinstance(m, TemporalConv):
+            m.conv.weight.normal_(std=0.1)
+            m.conv.bias.normal_(std=0.1)
+    video = torch.randn(1, L, 3, RES, RES)
+    with temporal_conv_layout(vae, "frames-as-height"):
+        channels_last_convs(vae)  # as the packages are built: the (k, 1) convolutions too
+        latents, _ = vae.encode(video)
+        pixels = vae.decode(latents)
+        names = sorted(n for n, _ in vae.named_parameters())
+        with aligned_convs(vae, 8) as swapped:
+            padded = [m for m in vae.modules() if isinstance(m, PaddedConv2d)]
+            assert swapped == len(padded) >= 3  # encoder RGB in, decoder latent in and RGB out, temporal RGB
+            assert all(m.weight.shape[0] % 8 == 0 and m.weight.shape[1] % 8 == 0 for m in padded)
+            assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in padded)
+            torch.testing.assert_close(vae.encode(video)[0], latents, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(vae.decode(latents), pixels, rtol=1e-5, atol=1e-5)
+        assert sorted(n for n, _ in vae.named_parameters()) == names
+    assert not any(isinstance(m, PaddedConv2d) for m in vae.modules())
+
+
+@torch.no_grad()
 def test_temporal_attention_kernels_compute_the_same_function():
     """The compiled engines' temporal attention ("math", "fused": attention over frames without gathering the
     tokens into sequences) gives the UNet's output, eagerly and compiled (Inductor, as AOTInductor compiles it);
