@@ -91,3 +91,13 @@ def test_python_blocks_run_as_written(code, tmp_path):
     proc = subprocess.run([sys.executable, str(tmp_path / "block.py")], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_checkout_root_finds_the_subpackages_without_an_install():
+    """From the repository's root, `nuwaxl` is this source folder (it shadows an installed copy); its subpackages,
+    laid out beside it by pyproject's package-dir, are found all the same (python -S: no site-packages, so no
+    editable-install finder to help)."""
+    code = "import importlib.util as u; print([u.find_spec(f'nuwaxl.{p}').origin for p in ('runtime', 'engine')])"
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert str(ROOT / "runtime" / "__init__.py") in done.stdout and str(ROOT / "engine") in done.stdout
