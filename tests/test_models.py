@@ -88,16 +88,21 @@ def test_unet_temporal_layers_are_identity_at_init():
 
 
 @torch.no_grad()
-def test_temporal_conv_layouts_compute_the_same_function():
-    """"frames-as-height" (the layout ONNX Runtime's channels-last graphs are exported with) is the same convolution
-    as the Conv3d, with the same weights; the context puts every layer back."""
+def vae_with_temporal_weights() -> tuple[TKLVAE, torch.Tensor]:
+    """A tiny T-KLVAE whose temporal convolutions are not the identity, and a video for it (seed 0)."""
     torch.manual_seed(0)
     vae = TKLVAE(TINY.vae).eval()
     for m in vae.modules():
         if isinstance(m, TemporalConv):
             m.conv.weight.normal_(std=0.1)
             m.conv.bias.normal_(std=0.1)
-    video = torch.randn(1, L, 3, RES, RES)
+    return vae, torch.randn(1, L, 3, RES, RES)
+
+
+def test_temporal_conv_layouts_compute_the_same_function():
+    """"frames-as-height" (the layout ONNX Runtime's channels-last graphs are exported with) is the same convolution
+    as the Conv3d, with the same weights; the context puts every layer back."""
+    vae, video = vae_with_temporal_weights()
     volume = vae.encode(video)[0]
     names = sorted(n for n, _ in vae.named_parameters())
     with temporal_conv_layout(vae, "frames-as-height"):
@@ -119,13 +124,7 @@ def test_aligned_convs_compute_the_same_function_with_channels_in_multiples_of_8
     from nuwaxl.engine.torch_backend import channels_last_convs
     from nuwaxl.models.layers import PaddedConv2d, aligned_convs
 
-    torch.manual_seed(0)
-    vae = TKLVAE(TINY.vae).eval()
-    for m in vae.modules():
-        if isinstance(m, TemporalConv):
-            m.conv.weight.normal_(std=0.1)
-            m.conv.bias.normal_(std=0.1)
-    video = torch.randn(1, L, 3, RES, RES)
+    vae, video = vae_with_temporal_weights()
     with temporal_conv_layout(vae, "frames-as-height"):
         channels_last_convs(vae)  # as the packages are built: the (k, 1) convolutions too
         latents, _ = vae.encode(video)
