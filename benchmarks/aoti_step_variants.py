@@ -184,18 +184,26 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="kernel profiles per category, and the FLOPs per operator")
     ap.add_argument("--top-kernels", type=int, default=15, help="how many of the slowest kernels a profile lists")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--compile-one", help=argparse.SUPPRESS)
+    ap.add_argument("--reuse", action="store_true", help="time the packages already in --folder (from an earlier "
+                    "run or a --compile-one) instead of compiling them again")
+    ap.add_argument("--compile-one", metavar="VARIANT", help="only compile this variant into --folder")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     if args.compile_one:
-        print(json.dumps(compile_variant(args.compile_one, args.preset, max(rows), folder, args.network)), flush=True)
+        record = compile_variant(args.compile_one, args.preset, max(rows), folder, args.network)
+        (folder / f"{args.compile_one}.json").write_text(json.dumps(record))
+        print(json.dumps(record), flush=True)
         return
 
     variants = args.variants.split(",")
     t0 = time.perf_counter()
     compiled, pending, started = {}, list(variants), {}
+    if args.reuse:
+        compiled = {v: json.loads((folder / f"{v}.json").read_text()) for v in variants
+                    if (folder / f"{v}.json").is_file() and (folder / f"{v}.pt2").is_file()}
+        pending = [v for v in variants if v not in compiled]
     running: list[tuple[str, subprocess.Popen]] = []
     tuning = {v for v in variants if variant_options(v)[2]["inductor"].get("max_autotune_gemm")}
 

@@ -22,11 +22,16 @@ case $PHASE in
   vae)
     t --run $RUNS/v2-vae --stage vae-image --steps $((VAE_STEPS == 1 ? 4000 : VAE_STEPS)) --batch 64 --lr 4e-4 --time-limit 100 --at-limit finish
     t --run $RUNS/v2-vae --stage vae-temporal --steps $((VAE_STEPS == 1 ? 3000 : VAE_STEPS)) --batch 8 --lr 1e-4 --time-limit 120 --at-limit finish ;;
-  mtd)  # --init is read by a run's first call; later calls resume the run
-    t --run $RUNS/v2-dod --init $RUNS/v2-vae/models.safetensors $MTD --ar-fraction 0.2 > $RUNS/v2-dod.out 2>&1 &
-    t --run $RUNS/v2-fdm --init $RUNS/v2-vae/models.safetensors $MTD --ar-fraction 1 > $RUNS/v2-fdm.out 2>&1 &
-    wait -n; a=$?; wait -n; b=$?
-    tail -n 2 $RUNS/v2-dod.out $RUNS/v2-fdm.out; [ $a = 0 ] && [ $b = 0 ] ;;
+  mtd)  # --init is read by a run's first call; later calls resume the run; a finished run is left as it is
+    pids=()
+    for run in dod:0.2 fdm:1; do
+      name=v2-${run%:*}
+      if grep -q '"mtd"' $RUNS/$name/summary.json 2>/dev/null; then echo "$name: finished" > $RUNS/$name.out; continue; fi
+      t --run $RUNS/$name --init $RUNS/v2-vae/models.safetensors $MTD --ar-fraction ${run#*:} > $RUNS/$name.out 2>&1 &
+      pids+=($!)
+    done
+    rc=0; for p in "${pids[@]}"; do wait $p || rc=1; done
+    tail -n 2 $RUNS/v2-dod.out $RUNS/v2-fdm.out; exit $rc ;;
   export)
     python -P -c 'import sys, torch; from nuwaxl.models.checkpoint import load_checkpoint, save_checkpoint
 for run in sys.argv[2:]:
