@@ -6,8 +6,11 @@
 #   bash train/recipe_v2.sh vae          # both T-KLVAE stages (shared: both MTDs start from this T-KLVAE)
 #   bash train/recipe_v2.sh mtd          # one chunk of both MTDs at once (repeat until both report their steps)
 #   bash train/recipe_v2.sh export       # fp16 checkpoints of both
-# Both MTDs train at once on the one GPU: a step of the small preset is bound by the host (Python and kernel
-# launches), so two processes use the GPU better than one, and the two runs see the same machine.
+# Both MTDs train at once on the one GPU, so that both see the same machine and the same wall-clock budget. Measured
+# on an H200 (benchmarks/results/training/v2-training-summary.json): 4.2 steps/s each at batch 32, 8.4 together,
+# about what one run alone reached on version-1 stories (9.2): running them together neither gains nor loses much.
+# The run of 2026-11-25: 3858 steps each (a 90 s call to measure the rate, then one call to the step count both
+# reach by a deadline: MTD_STEPS=3858).
 set -euo pipefail
 PHASE=${1:?usage: recipe_v2.sh vae|mtd|export}
 RUNS=${RUNS:-runs}

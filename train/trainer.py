@@ -52,6 +52,9 @@ class TrainOptions:
     ema: float = 0.999
     depth: int = 3  # mtd: deepest tree sampled (trees of depth 1..depth, levels uniform)
     ar_fraction: float = 0.2  # mtd: share of autoregressive clips (first frame as condition); 1.0: FDM*
+    # mtd: share of the autoregressive clips with no frame given, as the first window of an AR video (`plan_ar`);
+    # without them FDM* (ar_fraction 1) never sees the unconditioned window every AR video starts with
+    ar_first_window: float = 0.1
     prompt_dropout: float = 0.1  # mtd: empty prompt, for classifier-free guidance
     kl_weight: float = 1e-6
     log_every: int = 50
@@ -68,6 +71,8 @@ class TrainOptions:
         if not 0.0 <= self.ar_fraction <= 1.0:
             raise UserError(f"ar_fraction={self.ar_fraction} must be between 0 and 1 (1: the FDM* baseline, trained "
                             "on consecutive clips only)")
+        if not 0.0 <= self.ar_first_window <= 1.0:
+            raise UserError(f"ar_first_window={self.ar_first_window} must be between 0 and 1")
         if self.steps < 1 or self.batch < 1:
             raise UserError(f"steps={self.steps} and batch={self.batch} must be at least 1")
 
@@ -111,7 +116,8 @@ def mtd_clip(corpus: Corpus, L: int, opts: TrainOptions, rng: np.random.Generato
     if rng.random() < opts.ar_fraction:
         v = corpus.pick(rng, L)
         start = int(rng.integers(0, corpus.lengths[v] - L + 1))
-        return v, TrainingClip(2, tuple(range(start, start + L)), (0,))
+        given = () if rng.random() < opts.ar_first_window else (0,)  # an AR video's first window, or a later one
+        return v, TrainingClip(2, tuple(range(start, start + L)), given)
     depths = [m for m in range(1, opts.depth + 1) if max_frames(L, m) <= corpus.lengths.max()]
     m = int(rng.choice(depths))
     v = corpus.pick(rng, max_frames(L, m))
