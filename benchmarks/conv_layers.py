@@ -23,12 +23,14 @@ from aoti_step_variants import DEVICE, feeds, models_and_spec  # noqa: E402
 from kernel_profile import kernel_profile  # noqa: E402
 
 
-def conv_inputs(module: nn.Module, args) -> list[tuple[str, nn.Conv2d, torch.Tensor]]:
-    """(name, conv, its input) of every Conv2d call in one forward of `module(*args)`."""
+def conv_inputs(module: nn.Module, args) -> list[tuple[str, nn.Conv2d, tuple, tuple]]:
+    """(name, conv, input shape, input strides) of every Conv2d call in one forward of `module(*args)` (shapes only:
+    keeping every input of a large call would not fit in memory)."""
     seen, hooks = [], []
     for name, m in module.named_modules():
         if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_pre_hook(lambda mod, inp, name=name: seen.append((name, mod, inp[0]))))
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, inp, name=name: seen.append((name, mod, tuple(inp[0].shape), inp[0].stride()))))
     try:
         with torch.inference_mode():
             module(*args)
@@ -55,12 +57,14 @@ def main() -> None:
             if isinstance(m, nn.Conv2d):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         calls = conv_inputs(module, [x[t.name] for t in spec.inputs])
-        for name, conv, inp in calls:
+        for name, conv, shape, stride in calls:
+            inp = torch.empty_strided(shape, stride, device=DEVICE, dtype=conv.weight.dtype).normal_()
             layout = "nhwc" if inp.is_contiguous(memory_format=torch.channels_last) else "nchw"
             key = (f"{conv.in_channels}->{conv.out_channels} k{tuple(conv.kernel_size)} s{tuple(conv.stride)} "
                    f"in {tuple(inp.shape)} {layout}")
             with torch.inference_mode():
-                prof = kernel_profile(conv, inp.clone(memory_format=torch.preserve_format), calls=3, top=4)
+                prof = kernel_profile(conv, inp, calls=3, top=4)
+            del inp
             g = groups[key]
             g["layers"].append(name)
             g["ms_per_call"] += prof["gpu_ms_per_call"]
