@@ -16,11 +16,14 @@ B = dict(num_frames=22, frames_per_call=8, num_inference_steps=6, seed=5, sample
          progress=False)
 
 
-def run_together(shared: Pipeline, jobs: dict[str, tuple[list[str], dict]], start_delays: dict[str, float]):
+def run_together(shared: Pipeline, jobs: dict[str, tuple[list[str], dict]],
+                 start_after: dict[str, threading.Event]):
+    """Each job in its own thread, a job named in `start_after` once its event is set; (videos, names by finish)."""
     out, finished, errors = {}, [], []
 
     def work(name):
-        time.sleep(start_delays.get(name, 0.0))
+        if name in start_after:
+            assert start_after[name].wait(timeout=120), f"{name} never got its start signal"
         try:
             out[name] = shared(jobs[name][0], **jobs[name][1]).frames
             finished.append(name)
@@ -50,11 +53,20 @@ def test_concurrent_jobs_share_model_calls_and_get_their_own_videos(tiny_pipe):
 
 
 def test_a_short_job_is_not_held_up_by_a_long_one(tiny_pipe):
-    """Continuous batching: the short job joins the long one's steps and ends first, though it started later."""
+    """Continuous batching: the short job joins the long one's steps and ends first, though it started later (once
+    the long job has run 3 of its 8 x 3 levels of merged steps: an event, not a delay, so a slow machine cannot let the
+    long job finish before the short one starts)."""
     long = dict(A, num_frames=120, num_inference_steps=8)
     short = dict(A, num_frames=8, num_inference_steps=2, seed=9)
-    shared = Pipeline(SharedNetworks(tiny_pipe.nets))
-    _, finished = run_together(shared, {"long": (STORY, long), "short": (STORY, short)}, {"short": 0.3})
+    begun, merged = threading.Event(), []
+
+    def on_merged(call):
+        merged.append(call)
+        if len(merged) == 3:
+            begun.set()
+
+    shared = Pipeline(SharedNetworks(tiny_pipe.nets, on_merged=on_merged))
+    _, finished = run_together(shared, {"long": (STORY, long), "short": (STORY, short)}, {"short": begun})
     assert finished == ["short", "long"]
 
 
