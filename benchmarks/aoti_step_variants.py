@@ -4,7 +4,8 @@ preset by default).
 Variants, named `<dyn|sN>-<nchw|nhwc>[-option...]`: a package compiled for a dynamic batch (2..max, the largest as the
 size hint: what `build` made up to git 4962023) or for one static batch; 2-D convolution weights row-major (NCHW, what
 `build` stored) or channels-last (NHWC, what the live torch modes use); options (`OPTIONS`): `fah` temporal
-convolutions "frames-as-height" (`models.layers.temporal_conv_layout`; what `build` makes since f3b4aad),
+convolutions "frames-as-height" (`models.layers.temporal_conv_layout`; what `build` makes since f3b4aad), `fam`
+"frames-as-matmul" (the k frame-shifted copies side by side times one (k*C, C) matrix; not yet timed),
 `tmath` / `tsum` temporal attention as matrix products / as sums of products (`models.layers.TemporalAttention`),
 `pad8` convolutions with channel counts that are not multiples of 8 zero-padded to them (`models.layers.aligned_convs`),
 `fp8` the
@@ -61,6 +62,7 @@ def models_and_spec(preset: str, rows: int, layout: str, network: str = "unet_st
 
 # variant option -> what it changes: the TemporalConv layout, FP8 linears, Inductor settings for the compilation
 OPTIONS = {"fah": {"temporal": "frames-as-height"},
+           "fam": {"temporal": "frames-as-matmul"},
            "tmath": {"attention": "math"},
            "tsum": {"attention": "fused"},
            "fp8": {"fp8": True},

@@ -30,15 +30,24 @@ class TemporalConv(nn.Module):
     # How `forward` lays the frames out: "volume" runs the Conv3d on (B, C, L, H, W); "frames-as-height" runs the
     # same weights as a (k, 1) 2-D convolution on the channels-last hidden state read as an image of height L and
     # width H*W, (B, L, H*W, C) -- a reshape of (B*L, H, W, C), so a graph that keeps its convolutions channels-last
-    # (ONNX Runtime's NhwcConv) needs no transposes around it. The same function either way (tested).
-    LAYOUTS = ("volume", "frames-as-height")
+    # (ONNX Runtime's NhwcConv) needs no transposes around it. "frames-as-matmul" (an experiment: cuDNN runs the
+    # full-resolution (k, 1) convolutions in a slow kernel, benchmarks/conv_layers.py) reads the same (B, L, H*W, C)
+    # rows, puts the k frame-shifted copies side by side (zero frames at the ends) and multiplies them by the weights
+    # as one (k*C, C) matrix. The same function every way (tested).
+    LAYOUTS = ("volume", "frames-as-height", "frames-as-matmul")
     layout = "volume"
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         bl, c, h, w = x.shape
-        if self.layout == "frames-as-height":
-            rows = x.permute(0, 2, 3, 1).reshape(bl // num_frames, num_frames, h * w, c).permute(0, 3, 1, 2)
-            y = self.frames_conv(rows)  # (B, C, L, H*W)
+        if self.layout in ("frames-as-height", "frames-as-matmul"):
+            rows = x.permute(0, 2, 3, 1).reshape(bl // num_frames, num_frames, h * w, c)  # (B, L, H*W, C)
+            if self.layout == "frames-as-matmul":
+                k = self.conv.kernel_size[0]
+                padded = F.pad(rows, (0, 0, 0, 0, k // 2, k // 2))
+                shifted = torch.cat([padded[:, j: j + num_frames] for j in range(k)], dim=-1)  # (B, L, H*W, k*C)
+                y = torch.addmm(self.conv.bias, shifted.reshape(-1, k * c), self.frames_matrix)
+                return y.reshape(bl, h, w, c).permute(0, 3, 1, 2)
+            y = self.frames_conv(rows.permute(0, 3, 1, 2))  # (B, C, L, H*W)
             return y.permute(0, 2, 3, 1).reshape(bl, h, w, c).permute(0, 3, 1, 2)
         x5 = x.reshape(bl // num_frames, num_frames, c, h, w).transpose(1, 2)  # (B, C, L, H, W)
         return self.conv(x5).transpose(1, 2).reshape(bl, c, h, w)
@@ -72,11 +81,17 @@ def temporal_conv_layout(module: nn.Module, layout: str):
                 m.frames_conv = nn.Conv2d(c, c, (k, 1), padding=(k // 2, 0), device="meta")
                 m.frames_conv.weight = nn.Parameter(m.conv.weight.detach().squeeze(-1), requires_grad=False)
                 m.frames_conv.bias = nn.Parameter(m.conv.bias.detach(), requires_grad=False)
+            for m in convs if layout == "frames-as-matmul" else ():
+                k, c = m.conv.kernel_size[0], m.conv.out_channels  # (C_out, C_in, k, 1, 1) -> rows (j, C_in)
+                m.frames_matrix = nn.Parameter(m.conv.weight.detach()[..., 0, 0].permute(2, 1, 0).reshape(k * c, c),
+                                               requires_grad=False)
             yield module
         finally:
             for m in convs:
                 if "frames_conv" in m._modules:
                     del m.frames_conv
+                if "frames_matrix" in m._parameters:
+                    del m.frames_matrix
 
 
 class PaddedConv2d(nn.Module):

@@ -100,8 +100,8 @@ def vae_with_temporal_weights() -> tuple[TKLVAE, torch.Tensor]:
 
 
 def test_temporal_conv_layouts_compute_the_same_function():
-    """"frames-as-height" (the layout ONNX Runtime's channels-last graphs are exported with) is the same convolution
-    as the Conv3d, with the same weights; the context puts every layer back."""
+    """"frames-as-height" (the layout ONNX Runtime's channels-last graphs are exported with) and "frames-as-matmul"
+    are the same convolution as the Conv3d, with the same weights; the context puts every layer back."""
     vae, video = vae_with_temporal_weights()
     volume = vae.encode(video)[0]
     names = sorted(n for n, _ in vae.named_parameters())
@@ -111,6 +111,11 @@ def test_temporal_conv_layouts_compute_the_same_function():
     assert sorted(n for n, _ in vae.named_parameters()) == names
     assert all(m.layout == "volume" for m in vae.modules() if isinstance(m, TemporalConv))
     torch.testing.assert_close(rows, volume, rtol=1e-5, atol=1e-5)
+    with temporal_conv_layout(vae, "frames-as-matmul"):
+        matmul = vae.encode(video)[0]
+        assert any(n.endswith("frames_matrix") for n, _ in vae.named_parameters())
+    assert sorted(n for n, _ in vae.named_parameters()) == names
+    torch.testing.assert_close(matmul, volume, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="frames-as-height"):
         with temporal_conv_layout(vae, "nhwc"):
             pass
