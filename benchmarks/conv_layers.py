@@ -41,6 +41,7 @@ def conv_inputs(module: nn.Module, args) -> list[tuple[str, nn.Conv2d, tuple, tu
 
 
 def main() -> None:
+    from nuwaxl.engine.torch_backend import channels_last_convs
     from nuwaxl.models.layers import temporal_conv_layout
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -53,9 +54,7 @@ def main() -> None:
     x = feeds(spec, args.rows, config)
     groups: dict[str, dict] = defaultdict(lambda: {"layers": [], "ms_per_call": 0.0, "kernels": defaultdict(float)})
     with torch.no_grad(), temporal_conv_layout(module, "frames-as-height"):
-        for m in module.modules():  # the (k, 1) convolutions made for frames-as-height, channels-last like the rest
-            if isinstance(m, nn.Conv2d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        channels_last_convs(module)  # the (k, 1) convolutions made for frames-as-height too, as in the packages
         calls = conv_inputs(module, [x[t.name] for t in spec.inputs])
         for name, conv, shape, stride in calls:
             inp = torch.empty_strided(shape, stride, device=DEVICE, dtype=conv.weight.dtype).normal_()

@@ -122,6 +122,23 @@ def test_temporal_conv_layouts_compute_the_same_function():
 
 
 @torch.no_grad()
+def test_frames_as_matmul_exports_with_a_dynamic_batch():
+    """The "frames-as-matmul" layout goes through torch.export (what AOTInductor packages compile) with the batch
+    dynamic, and the exported program at another batch size computes the Conv3d's function."""
+    vae, video = vae_with_temporal_weights()
+
+    class Encode(torch.nn.Module):
+        def forward(self, x):
+            return vae.encode(x)[0]
+
+    batch = torch.export.Dim("batch", min=2, max=4)  # as the engines' packages: a batch of 1 would be specialized
+    with temporal_conv_layout(vae, "frames-as-matmul"):
+        program = torch.export.export(Encode(), (torch.cat([video, -video]),), dynamic_shapes=({0: batch},))
+    three = torch.cat([video, video.flip(1), -video])
+    torch.testing.assert_close(program.module()(three), vae.encode(three)[0], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_aligned_convs_compute_the_same_function_with_channels_in_multiples_of_8():
     """The T-KLVAE's RGB and latent convolutions (and, frames-as-height, its temporal ones over 3 channels) run
     zero-padded to 8 channels inside the block, channels-last weights staying channels-last; encode and decode give

@@ -16,15 +16,19 @@ PHASE=${1:?usage: recipe_v2.sh vae|mtd|export}
 RUNS=${RUNS:-runs}
 SECONDS_PER_CALL=${SECONDS_PER_CALL:-480}
 MTD_STEPS=${MTD_STEPS:-5000}
-# Smaller values for a trial run on the CPU: PRESET=tiny STORIES=2 STORY_FRAMES=300 VAE_STEPS=2 MTD_STEPS=2
-PRESET=${PRESET:-small} STORIES=${STORIES:-64} STORY_FRAMES=${STORY_FRAMES:-3376} VAE_STEPS=${VAE_STEPS:-1}
+# Smaller values for a trial run on the CPU:
+#   PRESET=tiny STORIES=2 STORY_FRAMES=300 VAE_IMAGE_STEPS=2 VAE_TEMPORAL_STEPS=2 MTD_STEPS=2
+PRESET=${PRESET:-small} STORIES=${STORIES:-64} STORY_FRAMES=${STORY_FRAMES:-3376}
+VAE_IMAGE_STEPS=${VAE_IMAGE_STEPS:-4000} VAE_TEMPORAL_STEPS=${VAE_TEMPORAL_STEPS:-3000}
 COMMON="--preset $PRESET --stories $STORIES --story-frames $STORY_FRAMES --story-version 2 --workers 8 --no-progress"
 MTD="--stage mtd --steps $MTD_STEPS --batch 32 --lr 2e-4 --save-every 1000 --time-limit $SECONDS_PER_CALL"
 t() { python -P -m nuwaxl.cli train $COMMON "$@"; }
 case $PHASE in
   vae)
-    t --run $RUNS/v2-vae --stage vae-image --steps $((VAE_STEPS == 1 ? 4000 : VAE_STEPS)) --batch 64 --lr 4e-4 --time-limit 100 --at-limit finish
-    t --run $RUNS/v2-vae --stage vae-temporal --steps $((VAE_STEPS == 1 ? 3000 : VAE_STEPS)) --batch 8 --lr 1e-4 --time-limit 120 --at-limit finish ;;
+    t --run $RUNS/v2-vae --stage vae-image --steps $VAE_IMAGE_STEPS --batch 64 --lr 4e-4 \
+      --time-limit 100 --at-limit finish
+    t --run $RUNS/v2-vae --stage vae-temporal --steps $VAE_TEMPORAL_STEPS --batch 8 --lr 1e-4 \
+      --time-limit 120 --at-limit finish ;;
   mtd)  # --init is read by a run's first call; later calls resume the run; a finished run is left as it is
     pids=()
     for run in dod:0.2 fdm:1; do
