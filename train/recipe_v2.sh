@@ -6,6 +6,9 @@
 #   bash train/recipe_v2.sh vae          # both T-KLVAE stages (shared: both MTDs start from this T-KLVAE)
 #   bash train/recipe_v2.sh mtd          # one chunk of both MTDs at once (repeat until both report their steps)
 #   bash train/recipe_v2.sh export       # fp16 checkpoints of both
+# A later session (a fresh machine, so a fresh optimizer) continues both MTDs from those fp16 checkpoints with a new
+# clip seed, in new run folders, again at equal steps:
+#   RUNS=runs2 INIT_DIR=runs SEED=5 MTD_LR=1e-4 bash train/recipe_v2.sh mtd
 # Both MTDs train at once on the one GPU, so that both see the same machine and the same wall-clock budget. Measured
 # on an H200 (benchmarks/results/training/v2-training-summary.json): 4.2 steps/s each at batch 32, 8.4 together,
 # about what one run alone reached on version-1 stories (9.2): running them together neither gains nor loses much.
@@ -15,26 +18,35 @@ set -euo pipefail
 PHASE=${1:?usage: recipe_v2.sh vae|mtd|export}
 RUNS=${RUNS:-runs}
 SECONDS_PER_CALL=${SECONDS_PER_CALL:-480}
-MTD_STEPS=${MTD_STEPS:-5000}
+MTD_STEPS=${MTD_STEPS:-5000} MTD_LR=${MTD_LR:-2e-4} SEED=${SEED:-0} INIT_DIR=${INIT_DIR:-}
 # Smaller values for a trial run on the CPU:
 #   PRESET=tiny STORIES=2 STORY_FRAMES=300 VAE_IMAGE_STEPS=2 VAE_TEMPORAL_STEPS=2 MTD_STEPS=2
 PRESET=${PRESET:-small} STORIES=${STORIES:-64} STORY_FRAMES=${STORY_FRAMES:-3376}
 VAE_IMAGE_STEPS=${VAE_IMAGE_STEPS:-4000} VAE_TEMPORAL_STEPS=${VAE_TEMPORAL_STEPS:-3000}
+# Seconds of each T-KLVAE stage (it ends there with the steps done): the run of 2026-11-25 used 100 and 120, too
+# short (held-out PSNR 25.5 dB, its reconstructions capped every quality score).
+VAE_IMAGE_SECONDS=${VAE_IMAGE_SECONDS:-100} VAE_TEMPORAL_SECONDS=${VAE_TEMPORAL_SECONDS:-120}
 COMMON="--preset $PRESET --stories $STORIES --story-frames $STORY_FRAMES --story-version 2 --workers 8 --no-progress"
-MTD="--stage mtd --steps $MTD_STEPS --batch 32 --lr 2e-4 --save-every 1000 --time-limit $SECONDS_PER_CALL"
+MTD="--stage mtd --steps $MTD_STEPS --batch 32 --lr $MTD_LR --seed $SEED --save-every 1000 --time-limit $SECONDS_PER_CALL"
 t() { python -P -m nuwaxl.cli train $COMMON "$@"; }
 case $PHASE in
   vae)
     t --run $RUNS/v2-vae --stage vae-image --steps $VAE_IMAGE_STEPS --batch 64 --lr 4e-4 \
-      --time-limit 100 --at-limit finish
+      --time-limit $VAE_IMAGE_SECONDS --at-limit finish
     t --run $RUNS/v2-vae --stage vae-temporal --steps $VAE_TEMPORAL_STEPS --batch 8 --lr 1e-4 \
-      --time-limit 120 --at-limit finish ;;
+      --time-limit $VAE_TEMPORAL_SECONDS --at-limit finish ;;
   mtd)  # --init is read by a run's first call; later calls resume the run; a finished run is left as it is
     pids=()
     for run in dod:0.2 fdm:1; do
       name=v2-${run%:*}
       if grep -q '"mtd"' $RUNS/$name/summary.json 2>/dev/null; then echo "$name: finished" > $RUNS/$name.out; continue; fi
-      t --run $RUNS/$name --init $RUNS/v2-vae/models.safetensors $MTD --ar-fraction ${run#*:} > $RUNS/$name.out 2>&1 &
+      init=$RUNS/v2-vae/models.safetensors
+      if [ -n "$INIT_DIR" ]; then  # a continuation trains fp32 weights: the fp16 export converted once
+        init=$RUNS/$name-init32.safetensors; mkdir -p $RUNS
+        [ -f $init ] || python -P -c 'import sys; from nuwaxl.models.checkpoint import load_checkpoint, save_checkpoint
+save_checkpoint(load_checkpoint(sys.argv[1]), sys.argv[2])  # fp32 by default' $INIT_DIR/$name-fp16.safetensors $init
+      fi
+      t --run $RUNS/$name --init $init $MTD --ar-fraction ${run#*:} > $RUNS/$name.out 2>&1 &
       pids+=($!)
     done
     rc=0; for p in "${pids[@]}"; do wait $p || rc=1; done
