@@ -4,8 +4,9 @@ preset by default).
 Variants, named `<dyn|sN>-<nchw|nhwc>[-option...]`: a package compiled for a dynamic batch (2..max, the largest as the
 size hint: what `build` made up to git 4962023) or for one static batch; 2-D convolution weights row-major (NCHW, what
 `build` stored) or channels-last (NHWC, what the live torch modes use); options (`OPTIONS`): `fah` temporal
-convolutions "frames-as-height" (`models.layers.temporal_conv_layout`; what `build` makes since f3b4aad), `fam`
-"frames-as-matmul" (the k frame-shifted copies side by side times one (k*C, C) matrix; not yet timed),
+convolutions "frames-as-height" (`models.layers.temporal_conv_layout`; what `build` makes for the UNet since
+f3b4aad), `fam` "frames-as-matmul" (the k frame-shifted copies side by side times one (k*C, C) matrix; what
+`build` makes for the T-KLVAE since PACKAGING 6, results/temporal-conv-layouts-paper-h200-f9c5130.json),
 `tmath` / `tsum` temporal attention as matrix products / as sums of products (`models.layers.TemporalAttention`),
 `pad8` convolutions with channel counts that are not multiples of 8 zero-padded to them (`models.layers.aligned_convs`),
 `fp8` the

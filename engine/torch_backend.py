@@ -183,20 +183,32 @@ STATIC_ROWS = {"unet_prepare": ("min",), "unet_step": ("min", "max"), "vae_encod
 # every package of that network as user-managed constants (one copy on the GPU); compiled with the largest batch
 # as the size hint. v3: STATIC_ROWS packages; on a GPU, 2-D convolution weights channels-last (NHWC), as the live
 # torch modes run them (paper unet_step, 1 row: 8.76 -> 8.0 ms per step). v4: TEMPORAL_CONV. v5: TEMPORAL_ATTENTION.
-PACKAGING = 5
-# How the packages run temporal convolutions (`models.layers.TemporalConv.LAYOUTS`): "frames-as-height", a (k, 1)
-# 2-D convolution on the channels-last hidden state read as (B, L, H*W, C), instead of a Conv3d on (B, C, L, H, W)
-# with layout copies around it. Measured on an H200 (paper unet_step, fp16 static packages, CUDA-graph replay, both
-# layouts within 8.7e-4 of the live module; benchmarks/results/aoti-step-variants-h200-d590817.json): 1 row 8.01 ->
-# 5.74 ms per step, 69 rows 164.0 -> 152.1 ms. Tiny preset, fp32 on our 2-core CPU: 7.5 -> 5.5 ms at 2 rows
-# (aoti-step-variants-tiny-cpu-d590817.json).
-TEMPORAL_CONV = "frames-as-height"
+# v6: TEMPORAL_CONV per network (the T-KLVAE's "frames-as-matmul").
+PACKAGING = 6
+# How each network's packages run temporal convolutions (`models.layers.TemporalConv.LAYOUTS`; networks not named
+# here: "frames-as-height"). "frames-as-height": a (k, 1) 2-D convolution on the channels-last hidden state read as
+# (B, L, H*W, C), instead of a Conv3d on (B, C, L, H, W) with layout copies around it. Measured on an H200 (paper
+# unet_step, fp16 static packages, CUDA-graph replay, both layouts within 8.7e-4 of the live module;
+# benchmarks/results/aoti-step-variants-h200-d590817.json): 1 row 8.01 -> 5.74 ms per step, 69 rows 164.0 ->
+# 152.1 ms. Tiny preset, fp32 on our 2-core CPU: 7.5 -> 5.5 ms at 2 rows (aoti-step-variants-tiny-cpu-d590817.json).
+# "frames-as-matmul" (the k frame-shifted copies side by side times one (k*C, C) matrix) for the T-KLVAE, whose
+# 128-channel temporal convolutions at full resolution cuDNN runs in a slow Ampere kernel: H200, paper preset,
+# dynamic fp16 packages against "frames-as-height" (benchmarks/results/temporal-conv-layouts-paper-h200-f9c5130.json):
+# encoder 4 rows 20.21 -> 17.09 ms, 69 rows 352.6 -> 303.1 ms; decoder 4 rows 36.78 -> 34.12 ms, 69 rows 632.0 ->
+# 614.5 ms. Not for the UNet, whose temporal convolutions run at low resolution in fast kernels already: 69 rows
+# 149.0 -> 176.1 ms (the frame-shifted copies cost more), 1 row 5.79 -> 5.53 ms.
+TEMPORAL_CONV = {"vae_encoder": "frames-as-matmul", "vae_decoder": "frames-as-matmul"}
 # How the packages attend over frames (`models.layers.TemporalAttention.KERNELS`): "math", matrix products over the
 # L = 16 frames of each token, instead of a fused attention kernel whose 64 x 128 tiles the 16 frames leave mostly
 # empty. H200, paper unet_step, static fp16 packages, CUDA-graph replay (benchmarks/results/
 # step-variants-paper-h200-8bde77a.json): 69 rows 150.4 -> 147.6 ms (attention kernels 28.4 -> 10.2 ms, the batched
 # matrix products and softmax adding 14 ms), 1 row 5.77 -> 5.79 ms; "fused" (sums of products) was slower, 165.3 ms.
 TEMPORAL_ATTENTION = "math"
+
+
+def package_temporal_conv(network: str) -> str:
+    """The temporal convolution layout of `network`'s packages (`TEMPORAL_CONV`)."""
+    return TEMPORAL_CONV.get(network, "frames-as-height")
 
 
 def static_rows(name: str, spec: IOSpec) -> tuple[int, ...]:
@@ -466,7 +478,7 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     # Compiled with the largest batch as the example: Inductor picks kernel configurations for the example's
     # sizes, and the largest batches (a whole level of a long video) are where the time goes.
     sample = job.sample(spec, spec.batch_max, dtype)
-    with torch.no_grad(), temporal_conv_layout(module, TEMPORAL_CONV), \
+    with torch.no_grad(), temporal_conv_layout(module, package_temporal_conv(name)), \
             temporal_attention_kernel(module, TEMPORAL_ATTENTION):
         if job.device.type == "cuda":  # the layout the live torch modes run (PACKAGING v3), the (k, 1) temporal
             channels_last_convs(module)  # convolutions too; the weights file keeps it
@@ -488,7 +500,7 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
                                 batches=sorted({*asked, *extra}))
     write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": job.weights_id,
                               "precision": job.precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
-                              "packaging": PACKAGING, "temporal_conv": TEMPORAL_CONV,
+                              "packaging": PACKAGING, "temporal_conv": package_temporal_conv(name),
                               "temporal_attention": TEMPORAL_ATTENTION, "device": str(job.device),
                               "torch": torch.__version__, "parity": result})
     check_parity(name, result, man_path)

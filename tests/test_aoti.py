@@ -81,15 +81,24 @@ def test_temporal_attention_is_compiled_as_matrix_products(aoti_dir):
         assert len(calls) == 2 * blocks, (package, calls[:3])
 
 
-def test_temporal_convolutions_are_compiled_frames_as_height(aoti_dir):
-    """Packages run temporal convolutions as (k, 1) 2-D convolutions on the channels-last hidden state
-    (`torch_backend.TEMPORAL_CONV`, measured faster on an H200), not as the modules' Conv3d; the weights file holds
-    the 2-D weights they ask for, and parity (above) holds."""
-    for name in ("unet_step", "vae_encoder", "vae_decoder"):
-        assert json.loads((aoti_dir / "torch" / f"{name}.json").read_text())["temporal_conv"] == "frames-as-height"
+def test_temporal_convolutions_are_compiled_in_each_networks_layout(aoti_dir):
+    """Packages run temporal convolutions in their network's layout (`torch_backend.TEMPORAL_CONV`, measured on an
+    H200), not as the modules' Conv3d: the UNet's as (k, 1) 2-D convolutions on the channels-last hidden state, the
+    T-KLVAE's as one matrix product over the frame-shifted copies; the weights file holds the weights each asks for
+    (4-D convolution weights or a (k*C, C) matrix), and parity (above) holds."""
+    from nuwaxl.engine.torch_backend import package_temporal_conv
+
+    expected = {"frames-as-height": ("frames_conv.weight", 4), "frames-as-matmul": ("frames_matrix", 2)}
+    layouts = {name: package_temporal_conv(name) for name in ("unet_step", "vae_encoder", "vae_decoder")}
+    assert layouts == {"unet_step": "frames-as-height", "vae_encoder": "frames-as-matmul",
+                       "vae_decoder": "frames-as-matmul"}
+    for name, layout in layouts.items():
+        assert json.loads((aoti_dir / "torch" / f"{name}.json").read_text())["temporal_conv"] == layout
         weights = load_file(aoti_dir / "torch" / f"{name}.safetensors")
-        convs = {k: v for k, v in weights.items() if k.endswith(("temporal.conv.weight", "frames_conv.weight"))}
-        assert convs and all(k.endswith("frames_conv.weight") and v.dim() == 4 for k, v in convs.items()), name
+        convs = {k: v for k, v in weights.items()
+                 if k.endswith(("temporal.conv.weight", "frames_conv.weight", "frames_matrix"))}
+        suffix, dim = expected[layout]
+        assert convs and all(k.endswith(suffix) and v.dim() == dim for k, v in convs.items()), name
 
 
 def test_each_row_count_runs_its_package(aoti_dir):
