@@ -23,9 +23,10 @@ MTD_STEPS=${MTD_STEPS:-5000} MTD_LR=${MTD_LR:-2e-4} SEED=${SEED:-0} INIT_DIR=${I
 #   PRESET=tiny STORIES=2 STORY_FRAMES=300 VAE_IMAGE_STEPS=2 VAE_TEMPORAL_STEPS=2 MTD_STEPS=2
 PRESET=${PRESET:-small} STORIES=${STORIES:-64} STORY_FRAMES=${STORY_FRAMES:-3376}
 VAE_IMAGE_STEPS=${VAE_IMAGE_STEPS:-4000} VAE_TEMPORAL_STEPS=${VAE_TEMPORAL_STEPS:-3000}
-# Seconds of each T-KLVAE stage (it ends there with the steps done): the run of 2026-11-25 used 100 and 120, too
-# short (held-out PSNR 25.5 dB, its reconstructions capped every quality score).
-VAE_IMAGE_SECONDS=${VAE_IMAGE_SECONDS:-100} VAE_TEMPORAL_SECONDS=${VAE_TEMPORAL_SECONDS:-120}
+# Seconds of each T-KLVAE stage on an H200 (it ends there with the steps done): the first run used 100 and 120, too
+# short (held-out PSNR 25.5 dB; its reconstructions capped every quality score at 78% attribute accuracy); the second,
+# 250 and 220 (27.8 dB; 90.8% attribute accuracy, 92.9% presence; benchmarks/results/quality-v2b-cpu-f9c5130.md).
+VAE_IMAGE_SECONDS=${VAE_IMAGE_SECONDS:-250} VAE_TEMPORAL_SECONDS=${VAE_TEMPORAL_SECONDS:-220}
 COMMON="--preset $PRESET --stories $STORIES --story-frames $STORY_FRAMES --story-version 2 --workers 8 --no-progress"
 MTD="--stage mtd --steps $MTD_STEPS --batch 32 --lr $MTD_LR --seed $SEED --save-every 1000 --time-limit $SECONDS_PER_CALL"
 t() { python -P -m nuwaxl.cli train $COMMON "$@"; }
