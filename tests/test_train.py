@@ -20,7 +20,7 @@ from nuwaxl.train.evaluate import (
     parse_caption,
     score_video,
 )
-from nuwaxl.train.trainer import Corpus, Trainer, TrainOptions, mtd_clip
+from nuwaxl.train.trainer import Corpus, Trainer, TrainOptions, condition_latents, mtd_clip
 from nuwaxl.train.videos import folder_corpus, read_captions, synthetic_corpus
 
 CPU = torch.device("cpu")
@@ -352,3 +352,31 @@ def test_fdm_star_trains_on_consecutive_clips_only_and_warns_against_dod(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.prepare("Fred walks in the yard", 46, mode="ar")
+
+
+def test_clips_with_no_frame_given_skip_the_condition_encode():
+    """The MTD's condition latents (the T-KLVAE on the clip with its non-condition frames zeroed) equal a plain encode
+    of the masked batch, while only the clips with a given frame go through the encoder: the others (global clips,
+    an AR video's first window) take the one encoding of an all-zero clip."""
+    models = NuwaModels.random(preset("tiny"), seed=0)
+    vae = models.vae
+    with torch.no_grad():  # temporal layers that mix frames, so a zeroed frame's neighbours matter
+        for name, p in vae.named_parameters():
+            if "temporal" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    L, R = models.config.frames_per_call, models.config.resolution
+    video = torch.rand(4, L, 3, R, R, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(4, L, 1, R, R)
+    mask[0, [0, L - 1]] = 1.0  # a local clip
+    mask[2, 0] = 1.0  # an autoregressive window
+    given = [True, False, True, False]
+    with torch.no_grad():
+        blank = vae.encode(torch.zeros_like(video[:1]))[0]
+        reference = vae.encode(video * mask)[0]
+    seen = []
+    encode = vae.encode
+    vae.encode = lambda x: seen.append(x.shape[0]) or encode(x)
+    cond = condition_latents(vae, video, mask, given, blank)
+    assert seen == [2]
+    torch.testing.assert_close(cond, reference, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(cond[0], cond[1])  # the given frames reach the latents

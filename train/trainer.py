@@ -143,6 +143,22 @@ def latent_std(vae: TKLVAE, corpus: Corpus, L: int, opts: TrainOptions, clips: i
     return float(torch.cat(means).std())
 
 
+@torch.no_grad()
+def condition_latents(vae: TKLVAE, video: torch.Tensor, mask: torch.Tensor, given: list[bool],
+                      blank: torch.Tensor) -> torch.Tensor:
+    """The T-KLVAE means of `video` with its non-condition frames zeroed (`mask`), unscaled. A clip with no frame
+    given (`given[b]` False: a global clip, an AR video's first window) is an all-zero video, whose encoding is
+    `blank` (one clip's); only the others go through the encoder. With the clip mix of `mtd_clip` (depth uniform over
+    1..3, level uniform up to it) 61% of DoD's hierarchical clips are global, and the T-KLVAE's two encodes are about
+    half of a training step's FLOPs (benchmarks/results/EXPERIMENTS.md)."""
+    rows = [b for b, g in enumerate(given) if g]
+    cond = blank.expand(video.shape[0], *blank.shape[1:]).clone()
+    if rows:
+        idx = torch.tensor(rows, device=video.device)
+        cond[idx] = vae.encode(video[idx] * mask[idx])[0].to(cond.dtype)
+    return cond
+
+
 class Trainer:
     def __init__(self, run_dir: str | Path, models: NuwaModels, corpus: Corpus, opts: TrainOptions,
                  device: torch.device, progress: bool = True):
@@ -181,6 +197,7 @@ class Trainer:
         self.ema = {k: p.detach().clone() for k, p in self.trainable.items()}
         self.step = 0
         self.last_loss: float | None = None  # the latest logged mean loss
+        self.blank: torch.Tensor | None = None  # mtd: the T-KLVAE's encoding of an all-zero clip (`condition_latents`)
         self.rng = np.random.default_rng(opts.seed)
         self.torch_gen = torch.Generator(device=device).manual_seed(opts.seed)
 
@@ -273,7 +290,10 @@ class Trainer:
         scale = models.config.vae.scaling_factor
         with torch.no_grad():  # x0 = T-KLVAE(v0); x0^c = T-KLVAE(v0 with non-condition frames zeroed) (sec. 3.2)
             x0 = models.vae.encode(video)[0] * scale
-            cond = models.vae.encode(video * mask)[0] * scale
+            if self.blank is None:  # the T-KLVAE is frozen in this stage: one encoding of an all-zero clip serves all
+                self.blank = models.vae.encode(torch.zeros_like(video[:1]))[0]
+            cond = condition_latents(models.vae, video, mask, [bool(c.cond_slots) for _, c in picks],
+                                     self.blank) * scale
             f = video.shape[-1] // x0.shape[-1]
             latent_mask = mask[..., ::f, ::f]
         ids = torch.stack([corpus.caption_ids[v][list(c.positions)] for v, c in picks])  # (B, L)
