@@ -30,10 +30,10 @@ class TemporalConv(nn.Module):
     # How `forward` lays the frames out: "volume" runs the Conv3d on (B, C, L, H, W); "frames-as-height" runs the
     # same weights as a (k, 1) 2-D convolution on the channels-last hidden state read as an image of height L and
     # width H*W, (B, L, H*W, C) -- a reshape of (B*L, H, W, C), so a graph that keeps its convolutions channels-last
-    # (ONNX Runtime's NhwcConv) needs no transposes around it. "frames-as-matmul" (an experiment: cuDNN runs the
-    # full-resolution (k, 1) convolutions in a slow kernel, benchmarks/conv_layers.py) reads the same (B, L, H*W, C)
-    # rows, puts the k frame-shifted copies side by side (zero frames at the ends) and multiplies them by the weights
-    # as one (k*C, C) matrix. The same function every way (tested).
+    # (ONNX Runtime's NhwcConv) needs no transposes around it. "frames-as-matmul" (the T-KLVAE's packages: cuDNN runs
+    # its full-resolution (k, 1) convolutions in a slow kernel; engine.torch_backend.TEMPORAL_CONV) reads the same
+    # (B, L, H*W, C) rows, puts the k frame-shifted copies side by side (zero frames at the ends) and multiplies them
+    # by the weights as one (k*C, C) matrix. The same function every way (tested).
     LAYOUTS = ("volume", "frames-as-height", "frames-as-matmul")
     layout = "volume"
 

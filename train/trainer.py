@@ -148,9 +148,8 @@ def condition_latents(vae: TKLVAE, video: torch.Tensor, mask: torch.Tensor, give
                       blank: torch.Tensor) -> torch.Tensor:
     """The T-KLVAE means of `video` with its non-condition frames zeroed (`mask`), unscaled. A clip with no frame
     given (`given[b]` False: a global clip, an AR video's first window) is an all-zero video, whose encoding is
-    `blank` (one clip's); only the others go through the encoder. With the clip mix of `mtd_clip` (depth uniform over
-    1..3, level uniform up to it) 61% of DoD's hierarchical clips are global, and the T-KLVAE's two encodes are about
-    half of a training step's FLOPs (benchmarks/results/EXPERIMENTS.md)."""
+    `blank` (one clip's); only the others go through the encoder. Why it pays (most of DoD's clips are global ones,
+    and the frozen T-KLVAE's encodes are a large share of a step): benchmarks/results/EXPERIMENTS.md."""
     rows = [b for b, g in enumerate(given) if g]
     cond = blank.expand(video.shape[0], *blank.shape[1:]).clone()
     if rows:
