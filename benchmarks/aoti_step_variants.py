@@ -7,7 +7,8 @@ size hint: what `build` made up to git 4962023) or for one static batch; 2-D con
 convolutions "frames-as-height" (`models.layers.temporal_conv_layout`; what `build` makes for the UNet since
 f3b4aad), `fam` "frames-as-matmul" (the k frame-shifted copies side by side times one (k*C, C) matrix; what
 `build` makes for the T-KLVAE since PACKAGING 6, results/temporal-conv-layouts-paper-h200-f9c5130.json),
-`tmath` / `tsum` temporal attention as matrix products / as sums of products (`models.layers.TemporalAttention`),
+`tmath` / `tsum` / `ttri` temporal attention as matrix products / as sums of products / in one Triton kernel
+(`models.layers.TemporalAttention`, `models.frame_attention`),
 `pad8` convolutions with channel counts that are not multiples of 8 zero-padded to them (`models.layers.aligned_convs`),
 `fp8` the
 transformer blocks' linear layers in e4m3 (`models.fp8`, input ranges calibrated on the sample inputs at a few
@@ -66,6 +67,7 @@ OPTIONS = {"fah": {"temporal": "frames-as-height"},
            "fam": {"temporal": "frames-as-matmul"},
            "tmath": {"attention": "math"},
            "tsum": {"attention": "fused"},
+           "ttri": {"attention": "triton"},
            "fp8": {"fp8": True},
            "tune": {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
                                  "coordinate_descent_tuning": True}},

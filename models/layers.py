@@ -199,8 +199,9 @@ class TemporalAttention(nn.Module):
     # in the paper UNet's batch-69 step the temporal attentions took about 20 of 28 ms of attention on an H200.
     # "math": scores and weighted sum as matrix products over the frames, without the gather. "fused": the same as
     # sums of products that a compiler (Inductor) turns into a few memory-bound kernels; eagerly it would
-    # materialise an L-times larger product, so it is only for compiled engines.
-    KERNELS = ("sdpa", "math", "fused")
+    # materialise an L-times larger product, so it is only for compiled engines. "triton": one Triton kernel that
+    # keeps each token's scores in registers (`models.frame_attention`; CUDA, or Triton's interpreter).
+    KERNELS = ("sdpa", "math", "fused", "triton")
     kernel = "sdpa"
 
     def __init__(self, dim: int, num_heads: int):
@@ -221,9 +222,13 @@ class TemporalAttention(nn.Module):
         return (xt + self.over_frames(self.norm(xt) + pe[:, None])).reshape(bl, s, d)
 
     def over_frames(self, h: torch.Tensor) -> torch.Tensor:
-        """Attention over dim 1 of (B, L, S, D) for every token and head, by `kernel` "math" or "fused"."""
+        """Attention over dim 1 of (B, L, S, D) for every token and head, by `kernel` "math", "fused" or "triton"."""
         a = self.attn
         heads = a.num_heads
+        if self.kernel == "triton":
+            from nuwaxl.models.frame_attention import frame_attention
+
+            return a.to_out(frame_attention(a.to_q(h), a.to_k(h), a.to_v(h), heads))
         d_head = h.shape[-1] // heads
         q, k, v = (t(h).unflatten(-1, (heads, d_head)) for t in (a.to_q, a.to_k, a.to_v))  # (B, L, S, heads, d)
         q = q * d_head ** -0.5

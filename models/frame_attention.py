@@ -1,0 +1,96 @@
+"""Attention over the L frames of every token in one Triton kernel: the temporal attention's "triton" kernel
+(`models.layers.TemporalAttention`), for the UNet's compiled CUDA packages. The one module that imports Triton.
+
+Why a kernel of our own: temporal attention runs a softmax over L = 16 frames for every (batch, token, head), a
+few million sequences per batch-69 step. Fused attention kernels tile 64-128 queries by as many keys, so most of each
+tile is empty; as matrix products ("math") the scores, weights and permuted copies go through memory several times
+(about 14 ms of the paper UNet's 148 ms step on an H200, `benchmarks/results/EXPERIMENTS.md`). Here one program
+loads the L x D queries, keys and values of one token for a group of heads straight from the projections' (B, L, S,
+D) rows, does both products and the softmax in registers and writes the (B, L, S, D) output the output projection
+reads: the memory floor is one read of q, k, v and one write.
+
+`frame_attention` is a `torch.library.triton_op`, so torch.export and AOTInductor compile the kernel into a package;
+it needs a CUDA tensor (or Triton's interpreter, TRITON_INTERPRET=1, for tests on the CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Register tiles of (heads per program) x (frames, padded) x (head dim, padded) elements per operand: 8 heads of
+# 64 for the paper UNet's 40-dim heads, 4 of 128 (80), 2 of 256 (160).
+TILE_ELEMENTS = 8192
+
+
+def available() -> bool:
+    """Whether Triton imports here (torch's CUDA wheels bring it; the CPU wheels do not)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.cache
+def _op():
+    """The triton_op, defined on first use (Triton reads TRITON_INTERPRET when a kernel is decorated)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def frame_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, S, L, H, DH, scale,
+               sqb, sql, sqs, skb, skl, sks, svb, svl, svs, sob, sol, sos,
+               BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        token = tl.program_id(0)  # b * S + s
+        b = token // S
+        s = token % S
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        frame = tl.arange(0, BLOCK_L)
+        j = tl.arange(0, BLOCK_D)
+        h3, f3, j3 = h[:, None, None], frame[None, :, None], j[None, None, :]
+        ok = (h3 < H) & (f3 < L) & (j3 < DH)
+        col = h3 * DH + j3  # channel within D = H * DH
+        q = tl.load(q_ptr + b * sqb + s * sqs + f3 * sql + col, mask=ok, other=0.0)
+        k = tl.load(k_ptr + b * skb + s * sks + f3 * skl + col, mask=ok, other=0.0)
+        v = tl.load(v_ptr + b * svb + s * svs + f3 * svl + col, mask=ok, other=0.0)
+        scores = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale  # (BLOCK_H, BLOCK_L, BLOCK_L), fp32
+        scores = tl.where(frame[None, None, :] < L, scores, float("-inf"))
+        weights = tl.exp(scores - tl.max(scores, axis=2)[:, :, None])
+        weights = weights / tl.sum(weights, axis=2)[:, :, None]
+        out = tl.dot(weights.to(v.dtype), v)  # (BLOCK_H, BLOCK_L, BLOCK_D), fp32
+        tl.store(o_ptr + b * sob + s * sos + f3 * sol + col, out.to(o_ptr.dtype.element_ty), mask=ok)
+
+    @torch.library.triton_op("nuwaxl::frame_attention", mutates_args=())
+    def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+        b, frames, s, d = q.shape
+        d_head = d // num_heads
+        out = torch.empty((b, frames, s, d), device=q.device, dtype=q.dtype)
+        block_l = max(16, _next_pow2(frames))  # tl.dot needs at least 16 rows and columns
+        block_d = max(16, _next_pow2(d_head))
+        block_h = max(1, min(_next_pow2(num_heads), TILE_ELEMENTS // (block_l * block_d)))
+        grid = (b * s, triton.cdiv(num_heads, block_h))
+        torch.library.wrap_triton(frame_attention_kernel)[grid](
+            q, k, v, out, s, frames, num_heads, d_head, d_head ** -0.5,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_H=block_h, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+        return out
+
+    return frame_attention
+
+
+def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Softmax attention over dim 1 of (B, L, S, D) queries, keys and values, for each token and each of
+    `num_heads` heads of D / num_heads channels (the last dim must have stride 1): (B, L, S, D), the heads side by
+    side as their input. The same function as `TemporalAttention`'s "math" kernel."""
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("frame_attention needs q, k and v with unit stride in their last dim")
+    if q.shape[-1] % num_heads:
+        raise ValueError(f"D={q.shape[-1]} is not divisible by num_heads={num_heads}")
+    return _op()(q, k, v, num_heads)
