@@ -26,6 +26,7 @@ from nuwaxl.engine.registry import TORCH_MODES, TorchMode
 from nuwaxl.errors import UserError, option
 from nuwaxl.files import write_bytes
 from nuwaxl.iospec import IOSpec
+from nuwaxl.models import frame_attention
 from nuwaxl.models.layers import temporal_attention_kernel, temporal_conv_layout
 
 # How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
@@ -183,8 +184,9 @@ STATIC_ROWS = {"unet_prepare": ("min",), "unet_step": ("min", "max"), "vae_encod
 # every package of that network as user-managed constants (one copy on the GPU); compiled with the largest batch
 # as the size hint. v3: STATIC_ROWS packages; on a GPU, 2-D convolution weights channels-last (NHWC), as the live
 # torch modes run them (paper unet_step, 1 row: 8.76 -> 8.0 ms per step). v4: TEMPORAL_CONV. v5: TEMPORAL_ATTENTION.
-# v6: TEMPORAL_CONV per network (the T-KLVAE's "frames-as-matmul").
-PACKAGING = 6
+# v6: TEMPORAL_CONV per network (the T-KLVAE's "frames-as-matmul"). v7: TEMPORAL_ATTENTION per device (a Triton
+# kernel on GPUs).
+PACKAGING = 7
 # How each network's packages run temporal convolutions (`models.layers.TemporalConv.LAYOUTS`; networks not named
 # here: "frames-as-height"). "frames-as-height": a (k, 1) 2-D convolution on the channels-last hidden state read as
 # (B, L, H*W, C), instead of a Conv3d on (B, C, L, H, W) with layout copies around it. Measured on an H200 (paper
@@ -198,17 +200,31 @@ PACKAGING = 6
 # 614.5 ms. Not for the UNet, whose temporal convolutions run at low resolution in fast kernels already: 69 rows
 # 149.0 -> 176.1 ms (the frame-shifted copies cost more), 1 row 5.79 -> 5.53 ms.
 TEMPORAL_CONV = {"vae_encoder": "frames-as-matmul", "vae_decoder": "frames-as-matmul"}
-# How the packages attend over frames (`models.layers.TemporalAttention.KERNELS`): "math", matrix products over the
-# L = 16 frames of each token, instead of a fused attention kernel whose 64 x 128 tiles the 16 frames leave mostly
-# empty. H200, paper unet_step, static fp16 packages, CUDA-graph replay (benchmarks/results/
+# How the packages attend over frames (`models.layers.TemporalAttention.KERNELS`), per device type. Not a fused
+# attention kernel (cuDNN's): its 64 x 128 tiles the L = 16 frames leave mostly empty. "math", matrix products over
+# the frames of each token: H200, paper unet_step, static fp16 packages, CUDA-graph replay (benchmarks/results/
 # step-variants-paper-h200-8bde77a.json): 69 rows 150.4 -> 147.6 ms (attention kernels 28.4 -> 10.2 ms, the batched
-# matrix products and softmax adding 14 ms), 1 row 5.77 -> 5.79 ms; "fused" (sums of products) was slower, 165.3 ms.
-TEMPORAL_ATTENTION = "math"
+# products and softmax adding 14 ms), 1 row 5.77 -> 5.79 ms; "fused" (sums of products) was slower, 165.3 ms.
+# "triton" on GPUs (one kernel per layer that keeps each token's scores in registers, `models.frame_attention`):
+# against "math" in the same run (benchmarks/results/step-variants-triton-paper-h200-9647a06.json), 69 rows 151.2 ->
+# 144.8 ms, 1 row 5.77 -> 5.53 ms; the 16 layers alone 10.1 -> 2.9 ms per 69-row step (memory floor 1.3 ms,
+# frame-attention-paper-h200-9647a06.json). The CPU's packages keep "math": Triton compiles for GPUs.
+TEMPORAL_ATTENTION = {"cuda": "triton"}
 
 
 def package_temporal_conv(network: str) -> str:
     """The temporal convolution layout of `network`'s packages (`TEMPORAL_CONV`)."""
     return TEMPORAL_CONV.get(network, "frames-as-height")
+
+
+def package_temporal_attention(device: torch.device) -> str:
+    """The temporal attention kernel of packages compiled for `device` (`TEMPORAL_ATTENTION`; else "math")."""
+    kernel = TEMPORAL_ATTENTION.get(device.type, "math")
+    if kernel == "triton" and not frame_attention.available():
+        warnings.warn("Triton is not installed, so the packages attend over frames with matrix products (about 4% "
+                      "slower per UNet step on an H200); torch's CUDA wheels bring Triton", stacklevel=2)
+        return "math"
+    return kernel
 
 
 def static_rows(name: str, spec: IOSpec) -> tuple[int, ...]:
@@ -471,6 +487,7 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
         return {"packages": files(job.out, name)}
     names = [t.name for t in spec.inputs]
     dtype = next(module.parameters()).dtype
+    attention = package_temporal_attention(job.device)
     t0 = time.perf_counter()
     lowest = max(spec.batch_min, AOTI_MIN_BATCH)
     dynamic = spec.batch_max > lowest  # a package for a single batch size (1 or 2 rows) is static
@@ -479,7 +496,7 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     # sizes, and the largest batches (a whole level of a long video) are where the time goes.
     sample = job.sample(spec, spec.batch_max, dtype)
     with torch.no_grad(), temporal_conv_layout(module, package_temporal_conv(name)), \
-            temporal_attention_kernel(module, TEMPORAL_ATTENTION):
+            temporal_attention_kernel(module, attention):
         if job.device.type == "cuda":  # the layout the live torch modes run (PACKAGING v3), the (k, 1) temporal
             channels_last_convs(module)  # convolutions too; the weights file keeps it
         program = torch.export.export(module, tuple(sample[n] for n in names),
@@ -501,7 +518,7 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": job.weights_id,
                               "precision": job.precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
                               "packaging": PACKAGING, "temporal_conv": package_temporal_conv(name),
-                              "temporal_attention": TEMPORAL_ATTENTION, "device": str(job.device),
+                              "temporal_attention": attention, "device": str(job.device),
                               "torch": torch.__version__, "parity": result})
     check_parity(name, result, man_path)
     job.log(f"{name}: AOTInductor package compiled in {compile_s} s, {parity_text(result)}")

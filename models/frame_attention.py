@@ -66,6 +66,11 @@ def _op():
         out = tl.dot(weights.to(v.dtype), v)  # (BLOCK_H, BLOCK_L, BLOCK_D), fp32
         tl.store(o_ptr + b * sob + s * sos + f3 * sol + col, out.to(o_ptr.dtype.element_ty), mask=ok)
 
+    # torch.export and Inductor trace a kernel through wrap_triton, which takes compiled kernels only (torch 2.11
+    # rejects the interpreter's); interpreted kernels (CPU tests) run eagerly
+    interpreted = not isinstance(frame_attention_kernel, triton.runtime.jit.JITFunction)
+    launch = frame_attention_kernel if interpreted else torch.library.wrap_triton(frame_attention_kernel)
+
     @torch.library.triton_op("nuwaxl::frame_attention", mutates_args=())
     def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
         b, frames, s, d = q.shape
@@ -75,7 +80,7 @@ def _op():
         block_d = max(16, _next_pow2(d_head))
         block_h = max(1, min(_next_pow2(num_heads), TILE_ELEMENTS // (block_l * block_d)))
         grid = (b * s, triton.cdiv(num_heads, block_h))
-        torch.library.wrap_triton(frame_attention_kernel)[grid](
+        launch[grid](
             q, k, v, out, s, frames, num_heads, d_head, d_head ** -0.5,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),

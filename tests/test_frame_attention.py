@@ -97,3 +97,16 @@ def test_frame_attention_on_cuda_in_eager_and_in_an_aotinductor_package(tmp_path
     packaged = package(x.half())[0].float()
     for out in (eager, packaged):
         assert ((out - reference).norm() / reference.norm()).item() < 2e-3
+
+
+def test_packages_attend_over_frames_with_triton_on_gpus_only(monkeypatch):
+    """`build --backend torch` compiles the Triton kernel into CUDA packages (where Triton imports), "math"
+    elsewhere, with a warning naming the cost when a GPU machine lacks Triton."""
+    from nuwaxl.engine import torch_backend
+
+    assert torch_backend.package_temporal_attention(torch.device("cpu")) == "math"
+    monkeypatch.setattr(frame_attention, "available", lambda: True)
+    assert torch_backend.package_temporal_attention(torch.device("cuda")) == "triton"
+    monkeypatch.setattr(frame_attention, "available", lambda: False)
+    with pytest.warns(UserWarning, match="Triton is not installed"):
+        assert torch_backend.package_temporal_attention(torch.device("cuda")) == "math"
