@@ -39,14 +39,15 @@ def _next_pow2(n: int) -> int:
 
 @functools.cache
 def _op():
-    """The triton_op, defined on first use (Triton reads TRITON_INTERPRET when a kernel is decorated)."""
+    """(the triton_op, whether its kernel runs in Triton's interpreter), defined on first use (Triton reads
+    TRITON_INTERPRET when a kernel is decorated)."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def frame_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, S, L, H, DH, scale,
-               sqb, sql, sqs, skb, skl, sks, svb, svl, svs, sob, sol, sos,
-               BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                               sqb, sql, sqs, skb, skl, sks, svb, svl, svs, sob, sol, sos,
+                               BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
         token = tl.program_id(0)  # b * S + s
         b = token // S
         s = token % S
@@ -87,7 +88,7 @@ def _op():
             BLOCK_H=block_h, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
         return out
 
-    return frame_attention
+    return frame_attention, interpreted
 
 
 def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -95,7 +96,11 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
     `num_heads` heads of D / num_heads channels (the last dim must have stride 1): (B, L, S, D), the heads side by
     side as their input. The same function as `TemporalAttention`'s "math" kernel."""
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("frame_attention needs q, k and v with unit stride in their last dim")
+        raise ValueError("frame_attention needs q, k and v with unit stride in their last dim (call .contiguous())")
     if q.shape[-1] % num_heads:
         raise ValueError(f"D={q.shape[-1]} is not divisible by num_heads={num_heads}")
-    return _op()(q, k, v, num_heads)
+    op, interpreted = _op()
+    if q.device.type != "cuda" and not interpreted:
+        raise ValueError(f"frame_attention runs on CUDA tensors (got {q.device.type}); on the CPU use "
+                         "TemporalAttention's 'math' kernel, or Triton's interpreter (TRITON_INTERPRET=1) in tests")
+    return op(q, k, v, num_heads)

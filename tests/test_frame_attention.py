@@ -18,7 +18,7 @@ needs_triton = pytest.mark.skipif(not frame_attention.available(),
                                          "pip install triton)")
 
 # Shapes that exercise the masks: a head count that is not a power of two, L below 16 (the dot's smallest tile) and
-# not a power of two, head dims of 12, 40 and 160 (padded to 16, 64, 256), one token and several.
+# not a power of two, head dims of 16, 12, 40 and 160 (padded to 16, 16, 64, 256), one token and several.
 CASES = "[(2, 16, 3, 32, 2), (1, 5, 2, 36, 3), (2, 16, 4, 80, 2), (1, 7, 1, 320, 2)]"  # (B, L, S, D, heads)
 
 CHECK = textwrap.dedent(f"""
@@ -59,6 +59,14 @@ def test_frame_attention_names_bad_inputs():
         frame_attention.frame_attention(q, q, q, 4)
     with pytest.raises(ValueError, match="unit stride"):
         frame_attention.frame_attention(q.transpose(2, 3), q, q, 2)
+
+
+@needs_triton
+def test_frame_attention_on_cpu_tensors_says_what_to_use():
+    run = subprocess.run([sys.executable, "-c", "import torch; from nuwaxl.models.frame_attention import "
+                          "frame_attention; frame_attention(*(torch.zeros(1, 16, 2, 32),) * 3, 2)"],
+                         env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "runs on CUDA tensors (got cpu)" in run.stderr, run.stderr[-2000:]
 
 
 @pytest.mark.gpu
