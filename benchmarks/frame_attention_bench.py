@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 
+from nuwaxl.models.layers import attend_over_frames
+
 
 def attention_math(q, k, v, heads):
-    """`TemporalAttention.over_frames` for kernel "math", from the projections on."""
-    d_head = q.shape[-1] // heads
-    q, k, v = (t.unflatten(-1, (heads, d_head)) for t in (q * d_head ** -0.5, k, v))
-    scores = q.permute(0, 2, 3, 1, 4) @ k.permute(0, 2, 3, 4, 1)
-    out = (scores.float().softmax(-1).to(v.dtype) @ v.permute(0, 2, 3, 1, 4)).permute(0, 3, 1, 2, 4)
-    return out.flatten(-2)
+    """`TemporalAttention`'s "math" kernel, from the projections on."""
+    return attend_over_frames(q, k, v, heads, "math")
 
 
 def cuda_ms(fn, iters: int = 50) -> float:

@@ -224,22 +224,27 @@ class TemporalAttention(nn.Module):
     def over_frames(self, h: torch.Tensor) -> torch.Tensor:
         """Attention over dim 1 of (B, L, S, D) for every token and head, by `kernel` "math", "fused" or "triton"."""
         a = self.attn
-        heads = a.num_heads
-        if self.kernel == "triton":
-            from nuwaxl.models.frame_attention import frame_attention
+        return a.to_out(attend_over_frames(a.to_q(h), a.to_k(h), a.to_v(h), a.num_heads, self.kernel))
 
-            return a.to_out(frame_attention(a.to_q(h), a.to_k(h), a.to_v(h), heads))
-        d_head = h.shape[-1] // heads
-        q, k, v = (t(h).unflatten(-1, (heads, d_head)) for t in (a.to_q, a.to_k, a.to_v))  # (B, L, S, heads, d)
-        q = q * d_head ** -0.5
-        if self.kernel == "fused":
-            scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1, dtype=torch.float32)  # (B, Lq, Lk, S, heads)
-            weights = scores.softmax(2).to(v.dtype)
-            out = (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # (B, Lq, S, heads, d)
-        else:
-            scores = q.permute(0, 2, 3, 1, 4) @ k.permute(0, 2, 3, 4, 1)  # (B, S, heads, Lq, Lk)
-            out = (scores.float().softmax(-1).to(v.dtype) @ v.permute(0, 2, 3, 1, 4)).permute(0, 3, 1, 2, 4)
-        return a.to_out(out.flatten(-2))
+
+def attend_over_frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kernel: str) -> torch.Tensor:
+    """Softmax attention over dim 1 of (B, L, S, D) queries, keys and values, per token and head, by a
+    `TemporalAttention` kernel other than "sdpa": (B, L, S, D), the heads side by side."""
+    if kernel == "triton":
+        from nuwaxl.models.frame_attention import frame_attention
+
+        return frame_attention(q, k, v, heads)
+    d_head = q.shape[-1] // heads
+    q, k, v = (t.unflatten(-1, (heads, d_head)) for t in (q, k, v))  # (B, L, S, heads, d)
+    q = q * d_head ** -0.5
+    if kernel == "fused":
+        scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1, dtype=torch.float32)  # (B, Lq, Lk, S, heads)
+        weights = scores.softmax(2).to(v.dtype)
+        out = (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # (B, Lq, S, heads, d)
+    else:
+        scores = q.permute(0, 2, 3, 1, 4) @ k.permute(0, 2, 3, 4, 1)  # (B, S, heads, Lq, Lk)
+        out = (scores.float().softmax(-1).to(v.dtype) @ v.permute(0, 2, 3, 1, 4)).permute(0, 3, 1, 2, 4)
+    return out.flatten(-2)
 
 
 def temporal_attention_kernel(module: nn.Module, kernel: str):
