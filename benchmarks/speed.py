@@ -1,9 +1,11 @@
 """End-to-end speed scenarios: diffusion over diffusion (DoD) against autoregressive over diffusion (AR, FDM*),
-on the same backend, sampler and step count. Random weights: speed does not depend on weight values.
+on the same backend, sampler and step count. Random weights (speed does not depend on weight values), except the
+set "trained": the bundled trained weights with their recommended sampling (guidance on), the user's default run.
 
     python benchmarks/speed.py --set table1-128 --backend compile-cudagraph --out r.json      # on a GPU
     torchrun --nproc-per-node 4 benchmarks/speed.py --set multi-128 --backend compile-cudagraph --out r4.json
     python benchmarks/speed.py --set cpu-smoke --out r.json                                   # anywhere
+    python benchmarks/speed.py --set trained --backend compile-cudagraph --out t.json          # bundled weights
     pytest benchmarks/test_speed.py --benchmark-enable                                        # pytest-benchmark form
 
     python benchmarks/speed.py --set table1-128 --engines DIR --out r.json    # built engines (`trt-nuwaxl build`)
@@ -41,20 +43,23 @@ class Scenario:
     resolution: int
     num_frames: int
     mode: str  # dod | ar
-    steps: int = 50
-    sampler: str = "ddim"
+    steps: int | None = 50  # None (and sampler None): what the weights recommend (`SamplingDefaults`)
+    sampler: str | None = "ddim"
     frames_per_call: int = 16
     depth: int | None = None  # None: the least that reaches num_frames
     repeats: int = 3
     order: str = "level"  # DoD scheduling: level (throughput) or depth (latency)
     max_batch: int | None = None  # calls per batch; None: a whole level
     vae_batch: int | None = None  # calls per T-KLVAE encode/decode chunk; None: the runtime's default
+    weights: str = "random"  # "random": the preset's random weights (seed 0); "bundled": the trained weights
 
     @property
     def name(self) -> str:
         extra = f"-{self.order}{self.max_batch or ''}" if self.order != "level" or self.max_batch else ""
         extra += f"-vae{self.vae_batch}" if self.vae_batch else ""
-        return f"{self.preset}-{self.resolution}px-{self.num_frames}f-{self.mode}-{self.steps}steps{extra}"
+        steps = f"{self.steps}steps" if self.steps else "defaults"
+        model = self.preset if self.weights == "random" else f"{self.weights}-{self.preset}"
+        return f"{model}-{self.resolution}px-{self.num_frames}f-{self.mode}-{steps}{extra}"
 
 
 def table1(resolution: int, steps: int = 50) -> list[Scenario]:
@@ -77,9 +82,36 @@ SETS = {
     # the one-GPU run of the same backend.
     "multi-128": [Scenario("paper", 128, n, "dod") for n in (256, 1024)],
     "multi-256": [Scenario("paper", 256, n, "dod") for n in (256, 1024)],
+    # What a user of the bundled weights waits for: their preset and resolution, their recommended sampler, steps
+    # and guidance (twice the UNet rows), the bundled example story.
+    "trained": [Scenario("small", 64, n, mode, steps=None, sampler=None, weights="bundled",
+                         repeats=3 if (mode, n) != ("ar", 1024) else 1) for n in (16, 1024) for mode in ("ar", "dod")],
 }
 STORY = ["a red caveman walks out of his stone house", "a blue dinosaur runs across the yard",
          "the sun sets behind the volcano", "they sit by the fire at night"]
+WEIGHTS = ("random", "bundled")
+
+
+def story_for(s: Scenario) -> list[str]:
+    """The prompts a scenario generates: the bundled example story for the trained weights (words they know)."""
+    if s.weights == "bundled":
+        from nuwaxl.cli import bundled_story, read_story
+
+        return read_story(bundled_story())
+    return STORY
+
+
+def pipeline_for(s: Scenario, device: str, torch_mode: str) -> Pipeline:
+    """The live pipeline a scenario runs on: its preset's random weights, or the bundled trained weights."""
+    if s.weights not in WEIGHTS:
+        raise ValueError(f"unknown scenario weights {s.weights!r}; use one of {WEIGHTS}")
+    if s.weights == "bundled":
+        pipe = Pipeline.from_pretrained(device=device, torch_mode=torch_mode)
+        if (pipe.config.name, pipe.config.resolution) != (s.preset, s.resolution):
+            raise ValueError(f"the bundled weights are {pipe.config.name} at {pipe.config.resolution} px, not "
+                             f"{s.preset} at {s.resolution} px: fix the scenario")
+        return pipe
+    return Pipeline.from_preset(s.preset, device=device, resolution=s.resolution, torch_mode=torch_mode)
 
 
 def environment(device: torch.device) -> dict:
@@ -120,22 +152,21 @@ def flops_per_item(config, frames_per_call: int) -> dict[str, float]:
     return out
 
 
-def plan_for(pipe: Pipeline, s: Scenario):
-    return request_for(pipe, s).plan
-
-
 def request_for(pipe: Pipeline, s: Scenario):
     vae = {"vae_batch": s.vae_batch} if s.vae_batch else {}
-    return pipe.prepare(STORY, s.num_frames, num_inference_steps=s.steps, sampler=s.sampler, mode=s.mode,
+    return pipe.prepare(story_for(s), s.num_frames, num_inference_steps=s.steps, sampler=s.sampler, mode=s.mode,
                         frames_per_call=s.frames_per_call, depth=s.depth, order=s.order, max_batch=s.max_batch, **vae)
 
 
 def counted_flops(pipe: Pipeline, s: Scenario, per_item: dict[str, float]) -> float:
-    """Total FLOPs of a run: UNet rows x steps, VAE encodes and decodes per call, prompts encoded once each."""
-    calls = len(plan_for(pipe, s).calls)
-    prompts = len(set(STORY))
-    return (per_item["unet_step"] * calls * s.steps + (per_item["unet_prepare"] + per_item["vae_encoder"] +
-            per_item["vae_decoder"]) * calls + per_item["text_encoder"] * (prompts + 1))
+    """Total FLOPs of a run: UNet rows x steps (x2 with guidance), its per-call preparation per row, VAE encodes
+    and decodes per call, prompts encoded once each (and the empty prompt)."""
+    request = request_for(pipe, s)
+    calls = len(request.plan.calls)
+    rows = request.call_steps // request.options.num_inference_steps  # calls, x2 with guidance
+    prompts = len(set(story_for(s)))
+    return (per_item["unet_step"] * request.call_steps + per_item["unet_prepare"] * rows +
+            (per_item["vae_encoder"] + per_item["vae_decoder"]) * calls + per_item["text_encoder"] * (prompts + 1))
 
 
 def run_once(pipe: Pipeline, s: Scenario) -> dict:
@@ -182,8 +213,9 @@ def run_scenario(pipe: Pipeline, s: Scenario, per_item: dict[str, float], peak_t
     walls = sorted(r["wall_s"] for r in runs)
     wall = statistics.median(walls)
     flops = counted_flops(pipe, s, per_item) if per_item else None
-    plan = plan_for(pipe, s)
-    return {"scenario": s.name, **asdict(s), "calls": len(plan.calls),
+    request = request_for(pipe, s)
+    plan = request.plan
+    return {"scenario": s.name, **asdict(s), "sampling": asdict(request.options), "calls": len(plan.calls),
             "calls_per_level": [len(level) for level in plan.levels],
             "wall_s_median": wall, "wall_s_min": walls[0], "wall_s_max": walls[-1], "repeats": s.repeats,
             "gpus": world()[1], "gpu_seconds": wall * world()[1] if pipe.nets.spec.device.type == "cuda" else None,
@@ -224,20 +256,21 @@ def main() -> None:
         t0 = time.perf_counter()
         pipe = Pipeline.from_engines(args.engines, device=str(device))
         cfg, spec = pipe.config, pipe.nets.spec
+        trained = "bundled" if spec.trained_on.trained else "random"  # engines carry their weights
         scenarios = [replace(s, frames_per_call=spec.frames_per_call) for s in scenarios
-                     if (s.preset, s.resolution) == (cfg.name, cfg.resolution)]
+                     if (s.preset, s.resolution, s.weights) == (cfg.name, cfg.resolution, trained)]
         pipes[(cfg.name, cfg.resolution)] = pipe
         backend = {"engines": args.engines, "backend": spec.backend, "cuda_graphs": spec.cuda_graphs,
                    "load_s": round(time.perf_counter() - t0, 2)}
     else:
         backend = f"torch-{args.backend}"
-    results = {"set": args.set, "backend": backend, "weights": "random (seed 0)", "env": env,
+    weights = sorted({"random (seed 0)" if s.weights == "random" else f"{s.weights} (trained)" for s in scenarios})
+    results = {"set": args.set, "backend": backend, "weights": ", ".join(weights), "env": env,
                "peak_tflops_assumed": peak, "scenarios": []}
     for s in scenarios:
-        key = (s.preset, s.resolution)
+        key = (s.preset, s.resolution) if args.engines else (s.weights, s.preset, s.resolution)
         if key not in pipes:
-            pipes[key] = Pipeline.from_preset(s.preset, device=str(device), resolution=s.resolution,
-                                              torch_mode=args.backend)
+            pipes[key] = pipeline_for(s, str(device), args.backend)
         pipe = pipes[key]
         per_item = flops_per_item(pipe.config, s.frames_per_call)
         row = run_scenario(pipe, s, per_item, peak)

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from benchmarks.speed import SETS, run_once
+from benchmarks.speed import SETS, pipeline_for, run_once
 from nuwaxl.runtime.pipeline import Pipeline
 
 SET = os.environ.get("NUWAXL_BENCH_SET", "cpu-smoke")
@@ -24,6 +24,7 @@ PIPES: dict = {}
 @pytest.mark.parametrize("scenario", SETS[SET], ids=lambda s: s.name)
 def test_generation_speed(benchmark, scenario):
     key = (scenario.preset, scenario.resolution)
+    key = key if ENGINES else (scenario.weights, *key)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if ENGINES and not PIPES:
         pipe = Pipeline.from_engines(ENGINES, device=device)
@@ -31,8 +32,7 @@ def test_generation_speed(benchmark, scenario):
     if key not in PIPES:
         if ENGINES:
             pytest.skip(f"{ENGINES} holds {list(PIPES)} engines, not {key}")
-        PIPES[key] = Pipeline.from_preset(scenario.preset, device=device, resolution=scenario.resolution,
-                                          torch_mode=BACKEND)
+        PIPES[key] = pipeline_for(scenario, device, BACKEND)
     pipe = PIPES[key]
     if pipe.nets.spec.frames_per_call:
         scenario = replace(scenario, frames_per_call=pipe.nets.spec.frames_per_call)

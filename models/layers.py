@@ -157,6 +157,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, zero_out: bool = False):
         super().__init__()
         self.num_heads = num_heads
+        self.is_cross = context_dim is not None
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
@@ -165,20 +166,47 @@ class Attention(nn.Module):
             nn.init.zeros_(self.to_out.weight)
             nn.init.zeros_(self.to_out.bias)
 
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, S, D) -> (N, heads, S, d_head)."""
+        return t.reshape(t.shape[0], -1, self.num_heads, self.to_q.out_features // self.num_heads).transpose(1, 2)
+
     def kv(self, context: torch.Tensor) -> list[torch.Tensor]:
         """Keys and values (N, heads, S_ctx, d_head) of a context; for cross-attention they are fixed during
         sampling and computed once per call."""
-        n, d = context.shape[0], self.to_q.out_features
-        return [t(context).reshape(n, -1, self.num_heads, d // self.num_heads).transpose(1, 2)
-                for t in (self.to_k, self.to_v)]
+        return [self.split_heads(t(context)) for t in (self.to_k, self.to_v)]
+
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention's queries, keys and values of x (..., D), each (..., D): three matrix products, or one
+        with a (3D, D) weight inside `fused_projections` (views of its output, side by side)."""
+        if "qkv" in self._parameters:
+            return F.linear(x, self.qkv).chunk(3, dim=-1)
+        return self.to_q(x), self.to_k(x), self.to_v(x)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         n, s, d = x.shape
-        q = self.to_q(x).reshape(n, s, self.num_heads, d // self.num_heads).transpose(1, 2)
-        k, v = kv if kv is not None else self.kv(x if context is None else context)
+        if context is None and kv is None:  # self-attention
+            q, k, v = map(self.split_heads, self.projections(x))
+        else:
+            q, (k, v) = self.split_heads(self.to_q(x)), kv if kv is not None else self.kv(context)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, S, d_head)
         return self.to_out(out.transpose(1, 2).reshape(n, s, d))
+
+
+@contextlib.contextmanager
+def fused_projections(module: nn.Module):
+    """Inside the block, every self-attention `Attention` of `module` computes queries, keys and values as one
+    matrix product (a temporary `qkv` weight, the three side by side): one read of the normalised input instead of
+    three, and one larger GEMM. The same function, tested; an exporter writes `qkv` as the weight it uses."""
+    found = [m for m in module.modules() if isinstance(m, Attention) and not m.is_cross]
+    try:
+        for m in found:
+            m.qkv = nn.Parameter(torch.cat([m.to_q.weight, m.to_k.weight, m.to_v.weight]).detach(),
+                                 requires_grad=False)
+        yield module
+    finally:
+        for m in found:
+            m._parameters.pop("qkv", None)
 
 
 def frame_position_encoding(num_frames: int, dim: int, device, dtype) -> torch.Tensor:
@@ -224,7 +252,7 @@ class TemporalAttention(nn.Module):
     def over_frames(self, h: torch.Tensor) -> torch.Tensor:
         """Attention over dim 1 of (B, L, S, D) for every token and head, by `kernel` "math", "fused" or "triton"."""
         a = self.attn
-        return a.to_out(attend_over_frames(a.to_q(h), a.to_k(h), a.to_v(h), a.num_heads, self.kernel))
+        return a.to_out(attend_over_frames(*a.projections(h), a.num_heads, self.kernel))
 
 
 def attend_over_frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kernel: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ from nuwaxl.models.checkpoint import (
 from nuwaxl.models.layers import (
     TemporalAttention,
     TemporalConv,
+    fused_projections,
     temporal_attention_kernel,
     temporal_conv_layout,
 )
@@ -185,6 +186,35 @@ def test_temporal_attention_kernels_compute_the_same_function():
     with pytest.raises(ValueError, match="fused"):
         with temporal_attention_kernel(unet, "flash"):
             pass
+
+
+@torch.no_grad()
+def test_fused_projections_compute_the_same_function():
+    """Self-attention's q/k/v as one (3D, D) product (what the GPU packages compile) gives the UNet's and the
+    T-KLVAE's outputs with every temporal attention kernel; cross-attention keeps its own projections; the context
+    leaves the parameters as they were."""
+    torch.manual_seed(0)
+    unet = MaskUNet3D(TINY.unet).eval()
+    for m in unet.modules():  # temporal attention is a no-op at init (zero output projection): make it count
+        if isinstance(m, TemporalAttention):
+            m.attn.to_out.weight.normal_(std=0.2)
+    x, t, ctx, cond, mask = unet_inputs()
+    names = sorted(n for n, _ in unet.named_parameters())
+    for kernel in ("sdpa", "math"):
+        with temporal_attention_kernel(unet, kernel):
+            reference = unet(x, t, ctx, cond, mask)
+            with fused_projections(unet):
+                fused = {n for n, _ in unet.named_parameters() if n.endswith(".qkv")}
+                assert fused and not any("cross_attn" in n for n in fused)
+                torch.testing.assert_close(unet(x, t, ctx, cond, mask), reference, rtol=1e-5, atol=1e-5)
+    assert sorted(n for n, _ in unet.named_parameters()) == names
+    vae, video = vae_with_temporal_weights()
+    for m in vae.modules():
+        if isinstance(m, TemporalAttention):
+            m.attn.to_out.weight.normal_(std=0.2)
+    reference = vae.encode(video)[0]
+    with fused_projections(vae):
+        torch.testing.assert_close(vae.encode(video)[0], reference, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

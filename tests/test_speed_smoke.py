@@ -4,6 +4,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.report_speed import main as report_main
 from benchmarks.speed import SETS, flops_per_item, run_scenario
 from nuwaxl.runtime.pipeline import Pipeline
@@ -49,3 +51,30 @@ def test_serve_load_test_smoke(tmp_path):
     for r in rows:
         assert r["states"] == ["done"] and not r["errors"] and r["frames_per_s"] > 0
         assert 0 < r["ttff_p50_s"] <= r["ttff_p95_s"] <= r["wall_s"]
+
+
+def test_trained_scenarios_run_the_bundled_weights_as_recommended():
+    """The "trained" set times what a user of the bundled weights runs: their recommended sampler, steps and
+    guidance (the UNet's work counted twice), on the bundled story's words."""
+    from dataclasses import replace
+
+    from benchmarks.speed import pipeline_for, request_for, story_for
+
+    s = replace(next(s for s in SETS["trained"] if s.num_frames == 16 and s.mode == "dod"), repeats=1)
+    assert s.name == "bundled-small-64px-16f-dod-defaults"
+    pipe = pipeline_for(s, "cpu", "eager")
+    recommended = pipe.nets.spec.sampling
+    assert pipe.nets.spec.trained_on.trained and recommended.guidance_scale > 1
+    request = request_for(pipe, s)
+    assert (request.options.num_inference_steps, request.options.sampler, request.options.guidance_scale) == \
+        (recommended.num_inference_steps, recommended.sampler, recommended.guidance_scale)
+    assert request.call_steps == 2 * recommended.num_inference_steps  # one call, guided
+    assert story_for(s) != story_for(replace(s, weights="random"))
+    per_item = flops_per_item(pipe.config, 16)
+    row = run_scenario(pipe, s, per_item, peak_tflops=None)
+    assert row["sampling"]["guidance_scale"] == recommended.guidance_scale and row["weights"] == "bundled"
+    unet = per_item["unet_step"] * 2 * recommended.num_inference_steps + per_item["unet_prepare"] * 2
+    assert row["flops_counted"] == unet + per_item["vae_encoder"] + per_item["vae_decoder"] + \
+        per_item["text_encoder"] * (len(set(story_for(s))) + 1)
+    with pytest.raises(ValueError, match="bundled weights are small at 64 px"):
+        pipeline_for(replace(s, preset="paper", resolution=128), "cpu", "eager")
