@@ -20,11 +20,29 @@ def load(paths: list[str]) -> list[dict]:
         r = json.loads(Path(path).read_text())
         env = r["env"]
         for s in r["scenarios"]:
-            rows.append({**s, "backend": r["backend"], "gpus": s.get("gpus", env.get("gpus", 1)),
+            rows.append({**s, "backend": backend_label(r["backend"]), "gpus": s.get("gpus", env.get("gpus", 1)),
+                         "model": model_label(s),
                          "file": Path(path).name, "gpu": env.get("gpu", env.get("cpu")),
                          "driver": env.get("driver", "-").splitlines()[0],
                          "torch": env["torch"], "cuda": env.get("cuda", "-"), "git_sha": env["git_sha"]})
     return rows
+
+
+def backend_label(backend) -> str:
+    """speed.py's backend: a torch mode ("torch-compile-cudagraph") or, for built engines, their record."""
+    if isinstance(backend, dict):
+        return f"engines ({backend['backend']})"
+    return backend.removeprefix("torch-")
+
+
+def model_label(s: dict) -> str:
+    """The weights and sampling a row ran: its preset, random or trained, steps, sampler and guidance."""
+    sampling = s.get("sampling") or {"num_inference_steps": s["steps"], "sampler": s["sampler"],
+                                     "guidance_scale": 1.0}  # records before sampling was written: no guidance
+    weights = "trained" if s.get("weights", "random") != "random" else "random"
+    guidance = sampling["guidance_scale"]
+    return (f"{s['preset']} {weights}, {sampling['num_inference_steps']} {sampling['sampler']}"
+            + (f", guidance {guidance:g}" if guidance != 1.0 else ""))
 
 
 def fmt(s: dict) -> str:
@@ -38,32 +56,38 @@ def main() -> None:
     ap.add_argument("results", nargs="+")
     args = ap.parse_args()
     rows = load(args.results)
-    ar = {(s["backend"], s["resolution"], s["num_frames"]): s for s in rows if s["mode"] == "ar" and s["gpus"] == 1}
+    def key(s: dict) -> tuple:  # a DoD row and the AR row it is compared with
+        return s["backend"], s["model"], s["resolution"], s["num_frames"]
+
+    ar = {key(s): s for s in rows if s["mode"] == "ar" and s["gpus"] == 1}
     envs = sorted({f"{s['gpu']}, driver {s['driver']}, torch {s['torch']} (CUDA {s['cuda']})" for s in rows})
-    lines = [f"# Long-video generation time, {rows[0]['preset']} preset, {rows[0]['steps']} DDIM steps, no guidance",
-             "", "; ".join(envs) + ". **Random weights** (speed does not depend on weight values). Wall time end to "
-             "end (prompt encoding, condition encoding, sampling, T-KLVAE decode, frames on the host), median over "
+    trained = any(" trained," in s["model"] for s in rows)
+    lines = ["# Long-video generation time", "", "; ".join(envs) + ". **Random weights** (speed does not depend on "
+             "weight values)" + (", except rows marked trained: the bundled trained weights with their recommended "
+                                 "sampling (guidance doubles the UNet's rows)" if trained else "") + ". Wall time end "
+             "to end (prompt encoding, condition encoding, sampling, T-KLVAE decode, frames on the host), median over "
              "repeats after a warm-up (compilation and graph capture excluded). AR = autoregressive over diffusion "
-             "(FDM*), always on one GPU with the same backend; DoD = NUWA-XL's diffusion over diffusion. Utilization "
-             "= model FLOPs / wall / (790 TFLOP/s x GPUs).", "",
-             "| px | frames | backend | GPUs | AR over Diffusion | NUWA-XL (DoD) | reduction | DoD first frame | "
-             "DoD frames/s | DoD util. | git | paper FDM* / NUWA-XL |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "(FDM*), always on one GPU with the same backend and model; DoD = NUWA-XL's diffusion over diffusion. "
+             "Utilization = model FLOPs / wall / (790 TFLOP/s x GPUs).", "",
+             "| model, sampling | px | frames | backend | GPUs | AR over Diffusion | NUWA-XL (DoD) | reduction | "
+             "DoD first frame | DoD frames/s | DoD util. | git | paper FDM* / NUWA-XL |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     plot: dict[tuple, list] = {}
     for s in sorted((s for s in rows if s["mode"] == "dod"),
-                    key=lambda s: (s["resolution"], s["num_frames"], s["backend"], s["gpus"])):
-        base = ar.get((s["backend"], s["resolution"], s["num_frames"]))
+                    key=lambda s: (s["model"], s["resolution"], s["num_frames"], s["backend"], s["gpus"])):
+        base = ar.get(key(s))
         red = f"{1 - s['wall_s_median'] / base['wall_s_median']:.1%}" if base else "-"
         util = f"{s['utilization']:.0%}" if s.get("utilization") else "-"
         paper = (f"{PAPER[s['num_frames']][0]} s / {PAPER[s['num_frames']][1]} s"
                  if s["num_frames"] in PAPER and s["resolution"] == 128 else "-")
         first = f"{s['first_frame_s_median']:.2f} s" if s.get("first_frame_s_median") is not None else "-"
-        lines.append(f"| {s['resolution']} | {s['num_frames']} | {s['backend'].removeprefix('torch-')} | {s['gpus']} | "
+        lines.append(f"| {s['model']} | {s['resolution']} | {s['num_frames']} | {s['backend']} | {s['gpus']} | "
                      f"{fmt(base) if base else '-'} | {fmt(s)} | {red} | {first} | {s['frames_per_s']:.1f} | {util} | "
                      f"{s['git_sha']} | {paper} |")
-        plot.setdefault((s["resolution"], s["backend"], s["gpus"]), []).append((s["num_frames"], s["wall_s_median"]))
-    for (backend, res, n), s in sorted(ar.items()):
-        plot.setdefault((res, backend, "AR"), []).append((n, s["wall_s_median"]))
+        plot.setdefault((s["model"], s["resolution"], s["backend"], s["gpus"]), []).append(
+            (s["num_frames"], s["wall_s_median"]))
+    for (backend, model, res, n), s in sorted(ar.items()):
+        plot.setdefault((model, res, backend, "AR"), []).append((n, s["wall_s_median"]))
     Path(args.out_stem + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -74,18 +98,19 @@ def main() -> None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (res, backend, gpus), pts in sorted(plot.items(), key=str):
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # more series than the default ten colours
+    for (model, res, backend, gpus), pts in sorted(plot.items(), key=str):
         pts.sort()
-        label = f"{'AR' if gpus == 'AR' else f'DoD x{gpus} GPU'}, {backend.removeprefix('torch-')}, {res} px"
+        label = f"{'AR' if gpus == 'AR' else f'DoD x{gpus} GPU'}, {backend}, {res} px, {model}"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if gpus == "AR" else "s-", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("frames")
     ax.set_ylabel("wall time, s")
-    ax.set_title(f"{rows[0]['preset']} preset, {rows[0]['steps']} steps, random weights")
+    ax.set_title("NUWA-XL (DoD) against AR over diffusion")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(args.out_stem + ".png", dpi=100)
 

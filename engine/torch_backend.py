@@ -27,7 +27,7 @@ from nuwaxl.errors import UserError, option
 from nuwaxl.files import write_bytes
 from nuwaxl.iospec import IOSpec
 from nuwaxl.models import frame_attention
-from nuwaxl.models.layers import temporal_attention_kernel, temporal_conv_layout
+from nuwaxl.models.layers import fused_projections, temporal_attention_kernel, temporal_conv_layout
 
 # How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
 CUDA_GRAPHS = "captured with torch.cuda.graph, one graph per batch shape (packages load with run_single_threaded)"
@@ -185,8 +185,12 @@ STATIC_ROWS = {"unet_prepare": ("min",), "unet_step": ("min", "max"), "vae_encod
 # as the size hint. v3: STATIC_ROWS packages; on a GPU, 2-D convolution weights channels-last (NHWC), as the live
 # torch modes run them (paper unet_step, 1 row: 8.76 -> 8.0 ms per step). v4: TEMPORAL_CONV. v5: TEMPORAL_ATTENTION.
 # v6: TEMPORAL_CONV per network (the T-KLVAE's "frames-as-matmul"). v7: TEMPORAL_ATTENTION per device (a Triton
-# kernel on GPUs).
-PACKAGING = 7
+# kernel on GPUs). v8: self-attention's q/k/v projections as one matrix product (`models.layers.fused_projections`),
+# in every package: H200, paper unet_step, static fp16 packages, CUDA-graph replay, against v7 in the same run
+# (benchmarks/results/step-variants-qkv-paper-h200-16793bf.json): 1 row 5.54 -> 5.32 ms (matmuls 1.44 -> 1.24 ms),
+# 69 rows 140.77 -> 140.58 ms; outputs within 8.7e-4 of the live module either way. Tiny preset, fp32, our 2-core
+# CPU: 3.37 -> 3.45 ms at 2 rows (within that machine's noise).
+PACKAGING = 8
 # How each network's packages run temporal convolutions (`models.layers.TemporalConv.LAYOUTS`; networks not named
 # here: "frames-as-height"). "frames-as-height": a (k, 1) 2-D convolution on the channels-last hidden state read as
 # (B, L, H*W, C), instead of a Conv3d on (B, C, L, H, W) with layout copies around it. Measured on an H200 (paper
@@ -496,7 +500,7 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     # sizes, and the largest batches (a whole level of a long video) are where the time goes.
     sample = job.sample(spec, spec.batch_max, dtype)
     with torch.no_grad(), temporal_conv_layout(module, package_temporal_conv(name)), \
-            temporal_attention_kernel(module, attention):
+            temporal_attention_kernel(module, attention), fused_projections(module):
         if job.device.type == "cuda":  # the layout the live torch modes run (PACKAGING v3), the (k, 1) temporal
             channels_last_convs(module)  # convolutions too; the weights file keeps it
         program = torch.export.export(module, tuple(sample[n] for n in names),

@@ -31,7 +31,8 @@ def test_cpu_smoke_scenarios_record_everything(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["report", str(tmp_path / "table"), str(results)])
     report_main()
     table = (tmp_path / "table.md").read_text()
-    row40 = next(line for line in table.splitlines() if line.startswith("| 32 | 40 | eager | 1 |"))
+    row40 = next(line for line in table.splitlines()
+                 if line.startswith("| tiny random, 2 ddim | 32 | 40 | eager | 1 |"))
     assert "AR over Diffusion" in table and row40.count(" s (") == 2  # AR and DoD times, with the reduction
 
 
@@ -53,7 +54,7 @@ def test_serve_load_test_smoke(tmp_path):
         assert 0 < r["ttff_p50_s"] <= r["ttff_p95_s"] <= r["wall_s"]
 
 
-def test_trained_scenarios_run_the_bundled_weights_as_recommended():
+def test_trained_scenarios_run_the_bundled_weights_as_recommended(tmp_path, monkeypatch):
     """The "trained" set times what a user of the bundled weights runs: their recommended sampler, steps and
     guidance (the UNet's work counted twice), on the bundled story's words."""
     from dataclasses import replace
@@ -76,5 +77,18 @@ def test_trained_scenarios_run_the_bundled_weights_as_recommended():
     unet = per_item["unet_step"] * 2 * recommended.num_inference_steps + per_item["unet_prepare"] * 2
     assert row["flops_counted"] == unet + per_item["vae_encoder"] + per_item["vae_decoder"] + \
         per_item["text_encoder"] * (len(set(story_for(s))) + 1)
+    # the report names the model and sampling of each row, and built engines' backend
+    rows = [row, {**row, "mode": "ar", "wall_s_median": 2 * row["wall_s_median"]}]
+    results = tmp_path / "t.json"
+    engines = {"engines": "e", "backend": "torch", "cuda_graphs": "on"}  # what speed.py records for --engines
+    env = {"torch": "x", "cpu": "y", "git_sha": "z"}
+    results.write_text(json.dumps({"set": "trained", "backend": engines, "env": env, "scenarios": rows}))
+    monkeypatch.setattr("sys.argv", ["report", str(tmp_path / "table"), str(results)])
+    report_main()
+    table = (tmp_path / "table.md").read_text()
+    model = (f"small trained, {recommended.num_inference_steps} {recommended.sampler}, "
+             f"guidance {recommended.guidance_scale:g}")
+    assert f"| {model} | 64 | 16 | engines (torch) | 1 |" in table and "| 50.0% |" in table
+    assert "except rows marked trained" in table
     with pytest.raises(ValueError, match="bundled weights are small at 64 px"):
         pipeline_for(replace(s, preset="paper", resolution=128), "cpu", "eager")
