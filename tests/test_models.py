@@ -165,15 +165,21 @@ def test_aligned_convs_compute_the_same_function_with_channels_in_multiples_of_8
 
 
 @torch.no_grad()
+def temporal_attention_that_counts(module):
+    """Temporal attention is a no-op at init (zero output projection, Eq. 2): random output weights make it count."""
+    for m in module.modules():
+        if isinstance(m, TemporalAttention):
+            m.attn.to_out.weight.normal_(std=0.2)
+    return module
+
+
+@torch.no_grad()
 def test_temporal_attention_kernels_compute_the_same_function():
     """The compiled engines' temporal attention ("math", "fused": attention over frames without gathering the
     tokens into sequences) gives the UNet's output, eagerly and compiled (Inductor, as AOTInductor compiles it);
     the context puts every layer back."""
     torch.manual_seed(0)
-    unet = MaskUNet3D(TINY.unet).eval()
-    for m in unet.modules():  # temporal attention is a no-op at init (zero output projection): make it count
-        if isinstance(m, TemporalAttention):
-            m.attn.to_out.weight.normal_(std=0.2)
+    unet = temporal_attention_that_counts(MaskUNet3D(TINY.unet).eval())
     x, t, ctx, cond, mask = unet_inputs()
     reference = unet(x, t, ctx, cond, mask)
     for kernel in ("math", "fused"):
@@ -190,14 +196,11 @@ def test_temporal_attention_kernels_compute_the_same_function():
 
 @torch.no_grad()
 def test_fused_projections_compute_the_same_function():
-    """Self-attention's q/k/v as one (3D, D) product (what the GPU packages compile) gives the UNet's and the
-    T-KLVAE's outputs with every temporal attention kernel; cross-attention keeps its own projections; the context
-    leaves the parameters as they were."""
+    """Self-attention's q/k/v as one (3D, D) product (what every AOTInductor package compiles) gives the UNet's
+    output with the "sdpa" and "math" temporal attention kernels, and the T-KLVAE's; cross-attention keeps its own
+    projections; the context leaves the parameters as they were."""
     torch.manual_seed(0)
-    unet = MaskUNet3D(TINY.unet).eval()
-    for m in unet.modules():  # temporal attention is a no-op at init (zero output projection): make it count
-        if isinstance(m, TemporalAttention):
-            m.attn.to_out.weight.normal_(std=0.2)
+    unet = temporal_attention_that_counts(MaskUNet3D(TINY.unet).eval())
     x, t, ctx, cond, mask = unet_inputs()
     names = sorted(n for n, _ in unet.named_parameters())
     for kernel in ("sdpa", "math"):
@@ -209,9 +212,7 @@ def test_fused_projections_compute_the_same_function():
                 torch.testing.assert_close(unet(x, t, ctx, cond, mask), reference, rtol=1e-5, atol=1e-5)
     assert sorted(n for n, _ in unet.named_parameters()) == names
     vae, video = vae_with_temporal_weights()
-    for m in vae.modules():
-        if isinstance(m, TemporalAttention):
-            m.attn.to_out.weight.normal_(std=0.2)
+    temporal_attention_that_counts(vae)
     reference = vae.encode(video)[0]
     with fused_projections(vae):
         torch.testing.assert_close(vae.encode(video)[0], reference, rtol=1e-5, atol=1e-5)
