@@ -101,6 +101,16 @@ def story_for(s: Scenario) -> list[str]:
     return STORY
 
 
+def pipeline_key(s: Scenario) -> tuple[str, str, int]:
+    """Which pipeline a scenario runs on: its weights, preset and resolution."""
+    return s.weights, s.preset, s.resolution
+
+
+def engines_key(pipe: Pipeline) -> tuple[str, str, int]:
+    """The `pipeline_key` of the scenarios built engines can run: engines carry their weights (trained or not)."""
+    return "bundled" if pipe.nets.spec.trained_on.trained else "random", pipe.config.name, pipe.config.resolution
+
+
 def pipeline_for(s: Scenario, device: str, torch_mode: str) -> Pipeline:
     """The live pipeline a scenario runs on: its preset's random weights, or the bundled trained weights."""
     if s.weights not in WEIGHTS:
@@ -255,11 +265,10 @@ def main() -> None:
     if args.engines:  # one directory: its preset, resolution and L
         t0 = time.perf_counter()
         pipe = Pipeline.from_engines(args.engines, device=str(device))
-        cfg, spec = pipe.config, pipe.nets.spec
-        trained = "bundled" if spec.trained_on.trained else "random"  # engines carry their weights
+        spec = pipe.nets.spec
         scenarios = [replace(s, frames_per_call=spec.frames_per_call) for s in scenarios
-                     if (s.preset, s.resolution, s.weights) == (cfg.name, cfg.resolution, trained)]
-        pipes[(cfg.name, cfg.resolution)] = pipe
+                     if pipeline_key(s) == engines_key(pipe)]
+        pipes[engines_key(pipe)] = pipe
         backend = {"engines": args.engines, "backend": spec.backend, "cuda_graphs": spec.cuda_graphs,
                    "load_s": round(time.perf_counter() - t0, 2)}
     else:
@@ -268,7 +277,7 @@ def main() -> None:
     results = {"set": args.set, "backend": backend, "weights": ", ".join(weights), "env": env,
                "peak_tflops_assumed": peak, "scenarios": []}
     for s in scenarios:
-        key = (s.preset, s.resolution) if args.engines else (s.weights, s.preset, s.resolution)
+        key = pipeline_key(s)
         if key not in pipes:
             pipes[key] = pipeline_for(s, str(device), args.backend)
         pipe = pipes[key]

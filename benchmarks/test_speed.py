@@ -12,23 +12,22 @@ from dataclasses import replace
 import pytest
 import torch
 
-from benchmarks.speed import SETS, pipeline_for, run_once
+from benchmarks.speed import SETS, engines_key, pipeline_for, pipeline_key, run_once
 from nuwaxl.runtime.pipeline import Pipeline
 
 SET = os.environ.get("NUWAXL_BENCH_SET", "cpu-smoke")
 BACKEND = os.environ.get("NUWAXL_BENCH_BACKEND", "eager")
-ENGINES = os.environ.get("NUWAXL_BENCH_ENGINES")  # an engine directory: scenarios of its preset and resolution
+ENGINES = os.environ.get("NUWAXL_BENCH_ENGINES")  # an engine directory: the scenarios of its weights and shapes
 PIPES: dict = {}
 
 
 @pytest.mark.parametrize("scenario", SETS[SET], ids=lambda s: s.name)
 def test_generation_speed(benchmark, scenario):
-    key = (scenario.preset, scenario.resolution)
-    key = key if ENGINES else (scenario.weights, *key)
+    key = pipeline_key(scenario)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if ENGINES and not PIPES:
         pipe = Pipeline.from_engines(ENGINES, device=device)
-        PIPES[(pipe.config.name, pipe.config.resolution)] = pipe
+        PIPES[engines_key(pipe)] = pipe
     if key not in PIPES:
         if ENGINES:
             pytest.skip(f"{ENGINES} holds {list(PIPES)} engines, not {key}")

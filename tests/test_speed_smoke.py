@@ -59,13 +59,15 @@ def test_trained_scenarios_run_the_bundled_weights_as_recommended(tmp_path, monk
     guidance (the UNet's work counted twice), on the bundled story's words."""
     from dataclasses import replace
 
-    from benchmarks.speed import pipeline_for, request_for, story_for
+    from benchmarks.speed import engines_key, pipeline_for, pipeline_key, request_for, story_for
 
     s = replace(next(s for s in SETS["trained"] if s.num_frames == 16 and s.mode == "dod"), repeats=1)
     assert s.name == "bundled-small-64px-16f-dod-defaults"
     pipe = pipeline_for(s, "cpu", "eager")
     recommended = pipe.nets.spec.sampling
     assert pipe.nets.spec.trained_on.trained and recommended.guidance_scale > 1
+    # engines built from these weights run the trained scenarios, engines of random weights the others
+    assert engines_key(pipe) == pipeline_key(s) != pipeline_key(replace(s, weights="random"))
     request = request_for(pipe, s)
     assert (request.options.num_inference_steps, request.options.sampler, request.options.guidance_scale) == \
         (recommended.num_inference_steps, recommended.sampler, recommended.guidance_scale)
