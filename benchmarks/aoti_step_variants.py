@@ -10,6 +10,8 @@ f3b4aad), `fam` "frames-as-matmul" (the k frame-shifted copies side by side time
 `tmath` / `tsum` / `ttri` temporal attention as matrix products / as sums of products / in one Triton kernel
 (`models.layers.TemporalAttention`, `models.frame_attention`),
 `qkv` self-attention's query, key and value projections as one matrix product (`models.layers.fused_projections`),
+`gelu` / `gres` the feed-forward's GELU / and the residual additions after the feed-forward and the output projection
+in the matrix products' epilogues (`models.unet.SpaceTimeTransformer.EPILOGUES` "gelu" / "gelu-residual"),
 `pad8` convolutions with channel counts that are not multiples of 8 zero-padded to them (`models.layers.aligned_convs`),
 `fp8` the
 transformer blocks' linear layers in e4m3 (`models.fp8`, input ranges calibrated on the sample inputs at a few
@@ -74,7 +76,9 @@ OPTIONS = {"fah": {"temporal": "frames-as-height"},
                                  "coordinate_descent_tuning": True}},
            "mm1": {"inductor": {"conv_1x1_as_mm": True}},
            "pad8": {"pad": 8},
-           "qkv": {"qkv": True}}
+           "qkv": {"qkv": True},
+           "gelu": {"epilogues": "gelu"},
+           "gres": {"epilogues": "gelu-residual"}}
 
 
 def variant_options(name: str) -> tuple[str, str, dict]:
@@ -83,7 +87,8 @@ def variant_options(name: str) -> tuple[str, str, dict]:
     unknown = [o for o in opts if o not in OPTIONS]
     if unknown:
         raise SystemExit(f"unknown variant option {unknown[0]!r} in {name!r}; options: {', '.join(OPTIONS)}")
-    merged = {"temporal": "volume", "attention": "sdpa", "fp8": False, "inductor": {}, "pad": 0, "qkv": False}
+    merged = {"temporal": "volume", "attention": "sdpa", "fp8": False, "inductor": {}, "pad": 0, "qkv": False,
+              "epilogues": "none"}
     for o in opts:
         for k, v in OPTIONS[o].items():
             merged[k] = {**merged[k], **v} if k == "inductor" else v
@@ -117,6 +122,7 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
     from nuwaxl.export.onnx_export import dynamic_shapes
     from nuwaxl.models.fp8 import quantize_fp8
     from nuwaxl.models.layers import aligned_convs, fused_projections, temporal_attention_kernel, temporal_conv_layout
+    from nuwaxl.models.unet import matmul_epilogues
 
     shape, layout, opts = variant_options(name)
     module, spec, config = models_and_spec(preset, rows, layout, network)
@@ -128,7 +134,8 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
         quantize_fp8(module, calibrate_fp8(module, spec, config, min(batch, 4)))
     with torch.no_grad(), temporal_conv_layout(module, opts["temporal"]), inductor_config.patch(opts["inductor"]), \
             temporal_attention_kernel(module, opts["attention"]), \
-            fused_projections(module) if opts["qkv"] else contextlib.nullcontext():
+            fused_projections(module) if opts["qkv"] else contextlib.nullcontext(), \
+            matmul_epilogues(module, opts["epilogues"]):
         if layout == "nhwc":  # the (k, 1) convolutions made for "frames-as-height" too
             channels_last_convs(module)
         with aligned_convs(module, opts["pad"]) if opts["pad"] else contextlib.nullcontext():

@@ -28,6 +28,7 @@ from nuwaxl.files import write_bytes
 from nuwaxl.iospec import IOSpec
 from nuwaxl.models import frame_attention
 from nuwaxl.models.layers import fused_projections, temporal_attention_kernel, temporal_conv_layout
+from nuwaxl.models.unet import matmul_epilogues
 
 # How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
 CUDA_GRAPHS = "captured with torch.cuda.graph, one graph per batch shape (packages load with run_single_threaded)"
@@ -189,8 +190,8 @@ STATIC_ROWS = {"unet_prepare": ("min",), "unet_step": ("min", "max"), "vae_encod
 # in every package: H200, paper unet_step, static fp16 packages, CUDA-graph replay, against v7 in the same run
 # (benchmarks/results/step-variants-qkv-paper-h200-16793bf.json): 1 row 5.54 -> 5.32 ms (matmuls 1.44 -> 1.24 ms),
 # 69 rows 140.77 -> 140.58 ms; outputs within 8.7e-4 of the live module either way. Tiny preset, fp32, our 2-core
-# CPU: 3.37 -> 3.45 ms at 2 rows (within that machine's noise).
-PACKAGING = 8
+# CPU: 3.37 -> 3.45 ms at 2 rows (within that machine's noise). v9: MATMUL_EPILOGUES.
+PACKAGING = 9
 # How each network's packages run temporal convolutions (`models.layers.TemporalConv.LAYOUTS`; networks not named
 # here: "frames-as-height"). "frames-as-height": a (k, 1) 2-D convolution on the channels-last hidden state read as
 # (B, L, H*W, C), instead of a Conv3d on (B, C, L, H, W) with layout copies around it. Measured on an H200 (paper
@@ -214,6 +215,12 @@ TEMPORAL_CONV = {"vae_encoder": "frames-as-matmul", "vae_decoder": "frames-as-ma
 # 144.8 ms, 1 row 5.77 -> 5.53 ms; the 16 layers alone 10.1 -> 2.9 ms per 69-row step (memory floor 1.3 ms,
 # frame-attention-paper-h200-9647a06.json). The CPU's packages keep "math": Triton compiles for GPUs.
 TEMPORAL_ATTENTION = {"cuda": "triton"}
+# What the UNet's transformer products compute in their epilogues in every package (`SpaceTimeTransformer.EPILOGUES`,
+# `models.layers.fused_linear`): the feed-forward's GELU (in the batch-69 step a separate memory-bound kernel over the
+# 4C hidden features, about 5 of the 140.6 ms) and the residual additions after the feed-forward and the output
+# projection (about 1.5 ms) as cuBLAS(Lt) epilogues. On CUDA cuBLASLt's GELU is the tanh approximation (within
+# 5e-4 of the exact one); the parity gate measures the package against the live module.
+MATMUL_EPILOGUES = "gelu-residual"
 
 
 def package_temporal_conv(network: str) -> str:
@@ -500,7 +507,8 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     # sizes, and the largest batches (a whole level of a long video) are where the time goes.
     sample = job.sample(spec, spec.batch_max, dtype)
     with torch.no_grad(), temporal_conv_layout(module, package_temporal_conv(name)), \
-            temporal_attention_kernel(module, attention), fused_projections(module):
+            temporal_attention_kernel(module, attention), fused_projections(module), \
+            matmul_epilogues(module, MATMUL_EPILOGUES):
         if job.device.type == "cuda":  # the layout the live torch modes run (PACKAGING v3), the (k, 1) temporal
             channels_last_convs(module)  # convolutions too; the weights file keeps it
         program = torch.export.export(module, tuple(sample[n] for n in names),
@@ -522,7 +530,8 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     write_manifest(man_path, {"network": name, "stage_key": key, "source_checkpoint_sha256": job.weights_id,
                               "precision": job.precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
                               "packaging": PACKAGING, "temporal_conv": package_temporal_conv(name),
-                              "temporal_attention": attention, "device": str(job.device),
+                              "temporal_attention": attention, "matmul_epilogues": MATMUL_EPILOGUES,
+                              "device": str(job.device),
                               "torch": torch.__version__, "parity": result})
     check_parity(name, result, man_path)
     job.log(f"{name}: AOTInductor package compiled in {compile_s} s, {parity_text(result)}")

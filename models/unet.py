@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nuwaxl.config import UNetConfig
-from nuwaxl.models.layers import Attention, STConv, TemporalAttention, timestep_embedding
+from nuwaxl.models.layers import Attention, STConv, TemporalAttention, each_module, fused_linear, timestep_embedding
 
 
 class ResBlock(nn.Module):
@@ -65,6 +65,14 @@ class ConditionInjection(nn.Module):
 class SpaceTimeTransformer(nn.Module):
     """SA over the H*W tokens of each frame, PA to that frame's prompt, TA over frames, then a feed-forward."""
 
+    # What the matrix products of the feed-forward and the output projection do in their epilogues
+    # (`models.layers.fused_linear`): "none" (bias only; what eager runs and ONNX exports), "gelu" (the first
+    # feed-forward product's GELU too: one cuBLASLt call instead of a GEMM and a memory-bound GELU kernel over the 4C
+    # hidden features), "gelu-residual" (also the two residual additions after the feed-forward and the output
+    # projection, as the products' C input). The same function up to GELU's tanh approximation on CUDA (tested).
+    EPILOGUES = ("none", "gelu", "gelu-residual")
+    epilogues = "none"
+
     def __init__(self, channels: int, num_heads: int, context_dim: int, groups: int, temporal: bool):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
@@ -88,8 +96,26 @@ class SpaceTimeTransformer(nn.Module):
         h = h + self.cross_attn(self.norm_pa(h), kv=kv)  # Eq. 14-15, context (B*L, l_p, d_p)
         if self.temporal is not None:
             h = self.temporal(h, num_frames)
-        h = h + self.ff(self.norm_ff(h))
+        if self.epilogues == "gelu-residual":
+            up, _, down = self.ff
+            h = fused_linear(fused_linear(self.norm_ff(h), up, gelu=True), down, residual=h)
+            # x is channels-last in the packages: its (B*L, H, W, C) view has the rows of proj_out's output
+            out = fused_linear(h, self.proj_out, residual=x.permute(0, 2, 3, 1))
+            return out.reshape(bl, hh, ww, c).permute(0, 3, 1, 2)
+        h = h + self.feed_forward(self.norm_ff(h))
         return x + self.proj_out(h).reshape(bl, hh, ww, c).permute(0, 3, 1, 2)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.epilogues == "none":
+            return self.ff(x)
+        up, _, down = self.ff
+        return down(fused_linear(x, up, gelu=True))
+
+
+def matmul_epilogues(module: nn.Module, epilogues: str):
+    """Run every `SpaceTimeTransformer` of `module` with `epilogues` (one of `SpaceTimeTransformer.EPILOGUES`)
+    inside the block."""
+    return each_module(module, SpaceTimeTransformer, "epilogues", epilogues, SpaceTimeTransformer.EPILOGUES)
 
 
 class UNetLayer(nn.Module):

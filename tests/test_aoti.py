@@ -81,6 +81,26 @@ def test_temporal_attention_is_compiled_as_matrix_products(aoti_dir):
         assert len(calls) == 2 * blocks, (package, calls[:3])
 
 
+def test_feed_forward_gelu_is_compiled_into_the_matrix_product(aoti_dir):
+    """The UNet packages compute each transformer block's feed-forward GELU in its first product's epilogue
+    (`torch_backend.MATMUL_EPILOGUES`): one `_addmm_activation` call per block in every package, none in the
+    T-KLVAE's; parity (above) holds."""
+    from nuwaxl.config import preset
+    from nuwaxl.engine.torch_backend import MATMUL_EPILOGUES
+    from nuwaxl.models.unet import SpaceTimeTransformer
+
+    manifest = json.loads((aoti_dir / "engines.json").read_text())
+    blocks = sum(isinstance(m, SpaceTimeTransformer) for m in MaskUNet3D(preset("tiny").unet).modules())
+    assert MATMUL_EPILOGUES == "gelu-residual"
+    for name, expected in (("unet_step", blocks), ("vae_decoder", 0)):
+        assert json.loads((aoti_dir / "torch" / f"{name}.json").read_text())["matmul_epilogues"] == MATMUL_EPILOGUES
+        for package in [rel for rel in manifest["networks"][name]["files"] if rel.endswith(".pt2")]:
+            with zipfile.ZipFile(aoti_dir / package) as z:
+                code = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
+            calls = re.findall(r"aoti_torch_\w+?__addmm_activation\(", code)
+            assert len(calls) == expected, (package, calls[:3])
+
+
 def test_temporal_convolutions_are_compiled_in_each_networks_layout(aoti_dir):
     """Packages run temporal convolutions in their network's layout (`torch_backend.TEMPORAL_CONV`, measured on an
     H200), not as the modules' Conv3d: the UNet's as (k, 1) 2-D convolutions on the channels-last hidden state, the

@@ -22,7 +22,7 @@ from nuwaxl.models.layers import (
     temporal_attention_kernel,
     temporal_conv_layout,
 )
-from nuwaxl.models.unet import ConditionInjection, MaskUNet3D
+from nuwaxl.models.unet import ConditionInjection, MaskUNet3D, SpaceTimeTransformer, matmul_epilogues
 from nuwaxl.models.vae import TKLVAE
 
 TINY = preset("tiny")
@@ -216,6 +216,34 @@ def test_fused_projections_compute_the_same_function():
     reference = vae.encode(video)[0]
     with fused_projections(vae):
         torch.testing.assert_close(vae.encode(video)[0], reference, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_matmul_epilogues_compute_the_same_function():
+    """The feed-forward's GELU and the two residual additions in the matrix products' epilogues (what every UNet
+    package compiles) give the UNet's output, on row-major and channels-last hidden states; exact on the CPU, where
+    `torch._addmm_activation` applies the exact GELU. Afterwards the blocks run their default again."""
+    from nuwaxl.engine.torch_backend import channels_last_convs
+
+    torch.manual_seed(0)
+    unet = MaskUNet3D(TINY.unet).eval()
+    for block in unet.modules():  # zero-initialised outputs would hide a lost residual or GELU
+        if isinstance(block, SpaceTimeTransformer):
+            for linear in (block.ff[2], block.proj_out):
+                torch.nn.init.normal_(linear.weight, std=0.2)
+    x, t, ctx, cond, mask = unet_inputs()
+    for layout in ("rows", "channels-last"):
+        if layout == "channels-last":
+            channels_last_convs(unet)
+        reference = unet(x, t, ctx, cond, mask)
+        for epilogues in ("gelu", "gelu-residual"):
+            with matmul_epilogues(unet, epilogues) as blocks:
+                assert blocks and all(b.epilogues == epilogues for b in blocks)
+                torch.testing.assert_close(unet(x, t, ctx, cond, mask), reference, rtol=1e-5, atol=1e-5)
+        assert all(b.epilogues == "none" for b in blocks)
+    with pytest.raises(ValueError, match="unknown SpaceTimeTransformer epilogues 'bias'"):
+        with matmul_epilogues(unet, "bias"):
+            pass
 
 
 @torch.no_grad()
