@@ -216,10 +216,13 @@ TEMPORAL_CONV = {"vae_encoder": "frames-as-matmul", "vae_decoder": "frames-as-ma
 # frame-attention-paper-h200-9647a06.json). The CPU's packages keep "math": Triton compiles for GPUs.
 TEMPORAL_ATTENTION = {"cuda": "triton"}
 # What the UNet's transformer products compute in their epilogues in every package (`SpaceTimeTransformer.EPILOGUES`,
-# `models.layers.fused_linear`): the feed-forward's GELU (in the batch-69 step a separate memory-bound kernel over the
-# 4C hidden features, about 5 of the 140.6 ms) and the residual additions after the feed-forward and the output
-# projection (about 1.5 ms) as cuBLAS(Lt) epilogues. On CUDA cuBLASLt's GELU is the tanh approximation (within
-# 5e-4 of the exact one); the parity gate measures the package against the live module.
+# `models.layers.fused_linear`): the feed-forward's GELU (in the batch-69 step separate memory-bound kernels over the
+# 4C hidden features, 4.9 ms) and the residual additions after the feed-forward and the output projection as
+# cuBLAS(Lt) epilogues. On CUDA cuBLASLt's GELU is the tanh approximation (within 5e-4 of the exact one); the parity
+# gate measures the package against the live module. H200, paper unet_step, static fp16 packages, CUDA-graph replay,
+# against "none" in the same run (benchmarks/results/step-variants-epilogues-paper-h200-c821a18.json): 69 rows 140.05
+# -> 137.12 ms ("gelu") -> 135.98 ms ("gelu-residual"; addmm copies its C input first, 1.5 ms of copies), 1 row 5.31
+# -> 5.26 ms; outputs within 9.3e-4 of the live module (8.7e-4 before).
 MATMUL_EPILOGUES = "gelu-residual"
 
 

@@ -211,21 +211,19 @@ def fused_projections(module: nn.Module):
 
 def fused_linear(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor | None = None,
                  gelu: bool = False) -> torch.Tensor:
-    """`linear(x)` over the last dim as one matrix product with the rest in its epilogue: `gelu` (then GELU of it,
-    `torch._addmm_activation`) or `residual` (plus a tensor with the output's elements in the same order, added by
-    the product itself as addmm's C, with the bias folded in). On CUDA cuBLASLt applies GELU as its tanh
+    """`linear(x)` over the last dim as one matrix product with one more operation in its epilogue: `gelu` (then GELU
+    of it, `torch._addmm_activation`) or `residual` (plus a tensor with the output's elements in the same order, added
+    by the product itself as addmm's C, with the bias folded in). On CUDA cuBLASLt applies GELU as its tanh
     approximation (within 5e-4 of the exact GELU the module computes elsewhere); on the CPU it is exact."""
     if type(linear) is not nn.Linear:
         raise TypeError(f"fused_linear needs an nn.Linear, got {type(linear).__name__}")
-    if gelu and residual is not None:
-        raise ValueError("fused_linear: GELU or a residual in the epilogue, not both")
+    if gelu == (residual is not None):
+        raise ValueError("fused_linear: give either gelu=True or a residual for the epilogue")
     rows = x.reshape(-1, linear.in_features)
     if gelu:
         y = torch._addmm_activation(linear.bias, rows, linear.weight.t(), use_gelu=True)
-    elif residual is not None:
-        y = torch.addmm(residual.reshape(-1, linear.out_features) + linear.bias, rows, linear.weight.t())
     else:
-        y = F.linear(rows, linear.weight, linear.bias)
+        y = torch.addmm(residual.reshape(-1, linear.out_features) + linear.bias, rows, linear.weight.t())
     return y.reshape(*x.shape[:-1], linear.out_features)
 
 

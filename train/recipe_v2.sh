@@ -15,7 +15,8 @@
 # The run of 2026-11-25: 3858 steps each (a 90 s call to measure the rate, then one call to the step count both
 # reach by a deadline: MTD_STEPS=3858). The third run continued the second one's MTDs (1795 steps) by 3191 steps each
 # (benchmarks/results/training/v2c-training-summary.json); the fourth continued the third's by 2814 steps each
-# (RUNS=runs3 INIT_DIR=runs2 SEED=6; 7800 in all; v2d-training-summary.json).
+# (RUNS=runs3 INIT_DIR=runs2 SEED=6; 7800 in all; v2d-training-summary.json), the fifth the fourth's by 2290
+# (RUNS=runs4 INIT_DIR=runs3 SEED=7; 10090 in all; v2e-training-summary.json).
 set -euo pipefail
 PHASE=${1:?usage: recipe_v2.sh vae|mtd|export}
 RUNS=${RUNS:-runs}
