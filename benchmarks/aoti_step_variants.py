@@ -12,6 +12,9 @@ f3b4aad), `fam` "frames-as-matmul" (the k frame-shifted copies side by side time
 `qkv` self-attention's query, key and value projections as one matrix product (`models.layers.fused_projections`),
 `gelu` / `gres` the feed-forward's GELU / and the residual additions after the feed-forward and the output projection
 in the matrix products' epilogues (`models.unet.SpaceTimeTransformer.EPILOGUES` "gelu" / "gelu-residual"),
+`petab` the temporal attention's frame position encoding as a table computed before export (a constant of the
+package, the same values) instead of the arange/exp/sin/cos ops Inductor fuses into the temporal LayerNorm's kernel,
+`pe0` no frame position encoding at all (a different function: a diagnosis of that kernel's layout, not a candidate),
 `pad8` convolutions with channel counts that are not multiples of 8 zero-padded to them (`models.layers.aligned_convs`),
 `fp8` the
 transformer blocks' linear layers in e4m3 (`models.fp8`, input ranges calibrated on the sample inputs at a few
@@ -78,7 +81,9 @@ OPTIONS = {"fah": {"temporal": "frames-as-height"},
            "pad8": {"pad": 8},
            "qkv": {"qkv": True},
            "gelu": {"epilogues": "gelu"},
-           "gres": {"epilogues": "gelu-residual"}}
+           "gres": {"epilogues": "gelu-residual"},
+           "petab": {"position": "table"},
+           "pe0": {"position": "none"}}
 
 
 def variant_options(name: str) -> tuple[str, str, dict]:
@@ -88,7 +93,7 @@ def variant_options(name: str) -> tuple[str, str, dict]:
     if unknown:
         raise SystemExit(f"unknown variant option {unknown[0]!r} in {name!r}; options: {', '.join(OPTIONS)}")
     merged = {"temporal": "volume", "attention": "sdpa", "fp8": False, "inductor": {}, "pad": 0, "qkv": False,
-              "epilogues": "none"}
+              "epilogues": "none", "position": "ops"}
     for o in opts:
         for k, v in OPTIONS[o].items():
             merged[k] = {**merged[k], **v} if k == "inductor" else v
@@ -105,6 +110,22 @@ def calibrate_fp8(module, spec, config, batch: int) -> dict[str, float]:
         for t in (999, 500, 1):
             module(*(torch.full_like(x[n], t) if n == "timesteps" else x[n] for n in names))
     return amax
+
+
+@contextlib.contextmanager
+def position_encoding(module, config, how: str):
+    """Inside the block, `TemporalAttention` adds its frame position encoding as `how` says: "ops" (computed in its
+    forward, traced into the program), "table" (`models.layers.position_tables`: a constant of the program) or
+    "none" (a table of zeros; not the same function)."""
+    from nuwaxl.models.layers import position_tables
+
+    if how == "ops":
+        yield
+        return
+    with position_tables(module, config.frames_per_call) as found:
+        for m in found if how == "none" else ():
+            m.position_table.zero_()
+        yield
 
 
 def feeds(spec, batch, config):
@@ -135,7 +156,7 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
     with torch.no_grad(), temporal_conv_layout(module, opts["temporal"]), inductor_config.patch(opts["inductor"]), \
             temporal_attention_kernel(module, opts["attention"]), \
             fused_projections(module) if opts["qkv"] else contextlib.nullcontext(), \
-            matmul_epilogues(module, opts["epilogues"]):
+            matmul_epilogues(module, opts["epilogues"]), position_encoding(module, config, opts["position"]):
         if layout == "nhwc":  # the (k, 1) convolutions made for "frames-as-height" too
             channels_last_convs(module)
         with aligned_convs(module, opts["pad"]) if opts["pad"] else contextlib.nullcontext():

@@ -259,7 +259,11 @@ class TemporalAttention(nn.Module):
         """x: (B*L, S, D) with S = H*W tokens per frame."""
         bl, s, d = x.shape
         b = bl // num_frames
-        pe = frame_position_encoding(num_frames, d, x.device, x.dtype)
+        pe = self._buffers.get("position_table")  # inside `position_tables`
+        if pe is None:
+            pe = frame_position_encoding(num_frames, d, x.device, x.dtype)
+        elif pe.shape[0] != num_frames:
+            raise ValueError(f"position table for {pe.shape[0]} frames used for {num_frames}")
         if self.kernel == "sdpa":
             xt = x.reshape(b, num_frames, s, d).transpose(1, 2).reshape(b * s, num_frames, d)  # (B*S, L, D)
             xt = xt + self.attn(self.norm(xt) + pe)
@@ -291,6 +295,23 @@ def attend_over_frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
         scores = q.permute(0, 2, 3, 1, 4) @ k.permute(0, 2, 3, 4, 1)  # (B, S, heads, Lq, Lk)
         out = (scores.float().softmax(-1).to(v.dtype) @ v.permute(0, 2, 3, 1, 4)).permute(0, 3, 1, 2, 4)
     return out.flatten(-2)
+
+
+@contextlib.contextmanager
+def position_tables(module: nn.Module, num_frames: int):
+    """Inside the block, every `TemporalAttention` of `module` adds its frame position encoding from a temporary
+    buffer computed here once (the same values) instead of computing it in `forward`: an exported program then holds
+    a constant table rather than the arange/exp/sin/cos ops a compiler fuses into the temporal LayerNorm's kernel."""
+    found = [m for m in module.modules() if isinstance(m, TemporalAttention)]
+    try:
+        for m in found:
+            w = m.norm.weight
+            m.register_buffer("position_table", frame_position_encoding(num_frames, w.shape[0], w.device, w.dtype),
+                              persistent=False)
+        yield found
+    finally:
+        for m in found:
+            m._buffers.pop("position_table", None)
 
 
 def temporal_attention_kernel(module: nn.Module, kernel: str):

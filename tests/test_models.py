@@ -19,6 +19,7 @@ from nuwaxl.models.layers import (
     TemporalAttention,
     TemporalConv,
     fused_projections,
+    position_tables,
     temporal_attention_kernel,
     temporal_conv_layout,
 )
@@ -244,6 +245,33 @@ def test_matmul_epilogues_compute_the_same_function():
     with pytest.raises(ValueError, match="unknown SpaceTimeTransformer epilogues 'bias'"):
         with matmul_epilogues(unet, "bias"):
             pass
+
+
+@torch.no_grad()
+def test_position_tables_compute_the_same_function():
+    """The frame position encoding read from a precomputed table (`position_tables`, a candidate for the packages)
+    gives the UNet's output with the "sdpa" and "math" temporal kernels; the table is really read (zeroed, the output
+    changes) and must match the frame count; afterwards no buffer is left and the state dict is unchanged."""
+    torch.manual_seed(0)
+    unet = MaskUNet3D(TINY.unet).eval()
+    for m in unet.modules():  # zero-initialised temporal outputs (Eq. 2) would hide the position encoding
+        if isinstance(m, TemporalAttention):
+            torch.nn.init.normal_(m.attn.to_out.weight, std=0.2)
+    x, t, ctx, cond, mask = unet_inputs()
+    keys = sorted(unet.state_dict())
+    for kernel in ("sdpa", "math"):
+        with temporal_attention_kernel(unet, kernel):
+            reference = unet(x, t, ctx, cond, mask)
+            with position_tables(unet, L) as found:
+                assert found
+                assert sorted(unet.state_dict()) == keys  # non-persistent: checkpoints do not see it
+                torch.testing.assert_close(unet(x, t, ctx, cond, mask), reference, rtol=1e-5, atol=1e-5)
+                for m in found:
+                    m.position_table.zero_()
+                assert not torch.allclose(unet(x, t, ctx, cond, mask), reference, atol=1e-4)
+    assert not any("position_table" in dict(m.named_buffers()) for m in unet.modules())
+    with position_tables(unet, L + 1), pytest.raises(ValueError, match=f"position table for {L + 1} frames"):
+        unet(x, t, ctx, cond, mask)
 
 
 @torch.no_grad()
