@@ -263,7 +263,8 @@ class TemporalAttention(nn.Module):
         if pe is None:
             pe = frame_position_encoding(num_frames, d, x.device, x.dtype)
         elif pe.shape[0] != num_frames:
-            raise ValueError(f"position table for {pe.shape[0]} frames used for {num_frames}")
+            raise ValueError(f"position table for {pe.shape[0]} frames used for {num_frames}: give "
+                             f"position_tables the frames per call (L={num_frames})")
         if self.kernel == "sdpa":
             xt = x.reshape(b, num_frames, s, d).transpose(1, 2).reshape(b * s, num_frames, d)  # (B*S, L, D)
             xt = xt + self.attn(self.norm(xt) + pe)
