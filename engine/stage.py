@@ -32,6 +32,7 @@ class BuildJob:
     device: torch.device           # where exports, compiles and parity run
     weights_id: str                # identifies the weights in every stage's cache key
     config: ModelConfig
+    frames_per_call: int           # L, fixed per build
     parity: dict[str, list[int]]   # batch sizes the parity gate measures, per network (none: not measured)
     force: bool                    # redo every stage even when its cache key matches
     log: Callable[[str], None]

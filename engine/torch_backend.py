@@ -27,7 +27,7 @@ from nuwaxl.errors import UserError, option
 from nuwaxl.files import write_bytes
 from nuwaxl.iospec import IOSpec
 from nuwaxl.models import frame_attention
-from nuwaxl.models.layers import fused_projections, temporal_attention_kernel, temporal_conv_layout
+from nuwaxl.models.layers import fused_projections, position_tables, temporal_attention_kernel, temporal_conv_layout
 from nuwaxl.models.unet import matmul_epilogues
 
 # How this backend's engines run as CUDA graphs (engine.graphs.GraphedEngine); said by the manifest and `doctor`.
@@ -190,8 +190,12 @@ STATIC_ROWS = {"unet_prepare": ("min",), "unet_step": ("min", "max"), "vae_encod
 # in every package: H200, paper unet_step, static fp16 packages, CUDA-graph replay, against v7 in the same run
 # (benchmarks/results/step-variants-qkv-paper-h200-16793bf.json): 1 row 5.54 -> 5.32 ms (matmuls 1.44 -> 1.24 ms),
 # 69 rows 140.77 -> 140.58 ms; outputs within 8.7e-4 of the live module either way. Tiny preset, fp32, our 2-core
-# CPU: 3.37 -> 3.45 ms at 2 rows (within that machine's noise). v9: MATMUL_EPILOGUES.
-PACKAGING = 9
+# CPU: 3.37 -> 3.45 ms at 2 rows (within that machine's noise). v9: MATMUL_EPILOGUES. v10: the temporal attention's
+# frame position encoding as a constant table of the package (`models.layers.position_tables`) instead of
+# arange/exp/sin/cos ops fused into the temporal LayerNorm's kernel, which Inductor then stored frames-innermost and
+# copied back to row-major for the q/k/v product
+# (benchmarks/results/temporal-norm-copy-diagnosis-tiny-h200-eb5c389.txt): MEASURED_PETAB.
+PACKAGING = 10
 # How each network's packages run temporal convolutions (`models.layers.TemporalConv.LAYOUTS`; networks not named
 # here: "frames-as-height"). "frames-as-height": a (k, 1) 2-D convolution on the channels-last hidden state read as
 # (B, L, H*W, C), instead of a Conv3d on (B, C, L, H, W) with layout copies around it. Measured on an H200 (paper
@@ -511,7 +515,7 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
     sample = job.sample(spec, spec.batch_max, dtype)
     with torch.no_grad(), temporal_conv_layout(module, package_temporal_conv(name)), \
             temporal_attention_kernel(module, attention), fused_projections(module), \
-            matmul_epilogues(module, MATMUL_EPILOGUES):
+            matmul_epilogues(module, MATMUL_EPILOGUES), position_tables(module, job.frames_per_call):
         if job.device.type == "cuda":  # the layout the live torch modes run (PACKAGING v3), the (k, 1) temporal
             channels_last_convs(module)  # convolutions too; the weights file keeps it
         program = torch.export.export(module, tuple(sample[n] for n in names),
@@ -534,7 +538,7 @@ def build_network(job, name: str, module, reference, spec: IOSpec) -> dict:
                               "precision": job.precision, "io_spec": spec.to_dict(), "compile_s": compile_s,
                               "packaging": PACKAGING, "temporal_conv": package_temporal_conv(name),
                               "temporal_attention": attention, "matmul_epilogues": MATMUL_EPILOGUES,
-                              "device": str(job.device),
+                              "position_encoding": "table", "device": str(job.device),
                               "torch": torch.__version__, "parity": result})
     check_parity(name, result, man_path)
     job.log(f"{name}: AOTInductor package compiled in {compile_s} s, {parity_text(result)}")

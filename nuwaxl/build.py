@@ -94,7 +94,7 @@ def build(out: str | Path, backend: str, precision: str = "fp16", max_rows: int 
 
     dtype = torch_dtype(precision)
     versions = {**library_versions(), "python": platform.python_version()}
-    job = BuildJob(out, precision, dev, weights_id, config, parity_sizes, force, log, opt_level,
+    job = BuildJob(out, precision, dev, weights_id, config, L, parity_sizes, force, log, opt_level,
                    tuple(targets) if targets else None)
     records = {}
     export_nets = networks(_cast_copy(models, dtype)) if dtype != torch.float32 else reference

@@ -101,6 +101,22 @@ def test_feed_forward_gelu_is_compiled_into_the_matrix_product(aoti_dir):
             assert len(calls) == expected, (package, calls[:3])
 
 
+def test_frame_position_encoding_is_a_constant_of_the_packages(aoti_dir):
+    """The UNet step packages add each temporal attention's frame position encoding from a table in the weights
+    file (`models.layers.position_tables`, PACKAGING 10), the same values the live module computes."""
+    from nuwaxl.config import preset
+    from nuwaxl.models.layers import TemporalAttention, frame_position_encoding
+
+    config = preset("tiny")
+    layers = sum(isinstance(m, TemporalAttention) for m in MaskUNet3D(config.unet).modules())
+    assert json.loads((aoti_dir / "torch" / "unet_step.json").read_text())["position_encoding"] == "table"
+    tables = {k: v for k, v in load_file(aoti_dir / "torch" / "unet_step.safetensors").items()
+              if k.endswith("position_table")}
+    assert len(tables) == layers > 0
+    for v in tables.values():
+        assert torch.equal(v, frame_position_encoding(config.frames_per_call, v.shape[1], "cpu", v.dtype))
+
+
 def test_temporal_convolutions_are_compiled_in_each_networks_layout(aoti_dir):
     """Packages run temporal convolutions in their network's layout (`torch_backend.TEMPORAL_CONV`, measured on an
     H200), not as the modules' Conv3d: the UNet's as (k, 1) 2-D convolutions on the channels-last hidden state, the

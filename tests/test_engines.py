@@ -246,7 +246,8 @@ def test_parity_gate_compares_runners_through_polygraphy(ort_dir):
     spec = expected_specs(ort_dir)["unet_prepare"]
     reference = networks(NuwaModels.random(config, seed=0))["unet_prepare"]
     engine = OrtEngine(ort_dir / "onnx" / "unet_prepare.onnx", spec, torch.device("cpu"))
-    job = BuildJob(ort_dir, "fp32", torch.device("cpu"), "w", config, {"unet_prepare": [1, 3]}, False, quiet)
+    job = BuildJob(ort_dir, "fp32", torch.device("cpu"), "w", config, config.frames_per_call,
+                   {"unet_prepare": [1, 3]}, False, quiet)
 
     def off(feeds):
         out = engine.run(feeds)
