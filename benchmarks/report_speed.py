@@ -60,6 +60,8 @@ def main() -> None:
         return s["backend"], s["model"], s["resolution"], s["num_frames"]
 
     ar = {key(s): s for s in rows if s["mode"] == "ar" and s["gpus"] == 1}
+    # measured in the same run (file) first: two runs of one backend at different commits each keep their own AR
+    ar_same_run = {(s["file"], *key(s)): s for s in rows if s["mode"] == "ar" and s["gpus"] == 1}
     envs = sorted({f"{s['gpu']}, driver {s['driver']}, torch {s['torch']} (CUDA {s['cuda']})" for s in rows})
     trained = any(" trained," in s["model"] for s in rows)
     lines = ["# Long-video generation time", "", "; ".join(envs) + ". **Random weights** (speed does not depend on "
@@ -72,10 +74,10 @@ def main() -> None:
              "| model, sampling | px | frames | backend | GPUs | AR over Diffusion | NUWA-XL (DoD) | reduction | "
              "DoD first frame | DoD frames/s | DoD util. | git | paper FDM* / NUWA-XL |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    plot: dict[tuple, list] = {}
+    plot: dict[tuple, dict[int, float]] = {}
     for s in sorted((s for s in rows if s["mode"] == "dod"),
                     key=lambda s: (s["model"], s["resolution"], s["num_frames"], s["backend"], s["gpus"])):
-        base = ar.get(key(s))
+        base = ar_same_run.get((s["file"], *key(s))) or ar.get(key(s))
         red = f"{1 - s['wall_s_median'] / base['wall_s_median']:.1%}" if base else "-"
         util = f"{s['utilization']:.0%}" if s.get("utilization") else "-"
         paper = (f"{PAPER[s['num_frames']][0]} s / {PAPER[s['num_frames']][1]} s"
@@ -84,10 +86,10 @@ def main() -> None:
         lines.append(f"| {s['model']} | {s['resolution']} | {s['num_frames']} | {s['backend']} | {s['gpus']} | "
                      f"{fmt(base) if base else '-'} | {fmt(s)} | {red} | {first} | {s['frames_per_s']:.1f} | {util} | "
                      f"{s['git_sha']} | {paper} |")
-        plot.setdefault((s["model"], s["resolution"], s["backend"], s["gpus"]), []).append(
-            (s["num_frames"], s["wall_s_median"]))
+        plot.setdefault((s["model"], s["resolution"], s["backend"], s["gpus"]), {})[s["num_frames"]] = \
+            s["wall_s_median"]  # one point per frame count: the row of the file named last
     for (backend, model, res, n), s in sorted(ar.items()):
-        plot.setdefault((model, res, backend, "AR"), []).append((n, s["wall_s_median"]))
+        plot.setdefault((model, res, backend, "AR"), {})[n] = s["wall_s_median"]
     Path(args.out_stem + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -100,8 +102,8 @@ def main() -> None:
         return
     fig, ax = plt.subplots(figsize=(11, 4.5))
     ax.set_prop_cycle(color=plt.cm.tab20.colors)  # more series than the default ten colours
-    for (model, res, backend, gpus), pts in sorted(plot.items(), key=str):
-        pts.sort()
+    for (model, res, backend, gpus), points in sorted(plot.items(), key=str):
+        pts = sorted(points.items())
         label = f"{'AR' if gpus == 'AR' else f'DoD x{gpus} GPU'}, {backend}, {res} px, {model}"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if gpus == "AR" else "s-", label=label)
     ax.set_xscale("log", base=2)

@@ -36,6 +36,28 @@ def test_cpu_smoke_scenarios_record_everything(tmp_path, monkeypatch):
     assert "AR over Diffusion" in table and row40.count(" s (") == 2  # AR and DoD times, with the reduction
 
 
+def test_report_compares_each_run_with_its_own_autoregressive_row(tmp_path, monkeypatch):
+    """Two recorded runs of the same backend (say, engines built at two commits): each DoD row's reduction is
+    against the AR row measured in the same run, not the other run's."""
+    def scenario(mode, wall):
+        return {"mode": mode, "gpus": 1, "preset": "paper", "steps": 50, "sampler": "ddim", "resolution": 128,
+                "num_frames": 1024, "wall_s_median": wall, "wall_s_min": wall, "wall_s_max": wall, "repeats": 1,
+                "frames_per_s": 1024 / wall, "first_frame_s_median": 0.3}
+
+    files = []
+    for sha, ar in (("aaa", 20.0), ("bbb", 10.0)):
+        f = tmp_path / f"{sha}.json"
+        f.write_text(json.dumps({"backend": {"backend": "torch"}, "env": {"torch": "x", "gpu": "y", "git_sha": sha},
+                                 "scenarios": [scenario("ar", ar), scenario("dod", 5.0)]}))
+        files.append(str(f))
+    monkeypatch.setattr("sys.argv", ["report", str(tmp_path / "table"), *files])
+    report_main()
+    rows = {line.split(" | ")[-2]: line for line in (tmp_path / "table.md").read_text().splitlines()
+            if line.startswith("| paper random")}
+    assert "| 20.00 s (n=1) | 5.00 s (n=1) | 75.0% |" in rows["aaa"]
+    assert "| 10.00 s (n=1) | 5.00 s (n=1) | 50.0% |" in rows["bbb"]
+
+
 def test_serve_load_test_smoke(tmp_path):
     """The serving load test on the tiny preset over real HTTP (uvicorn, httpx): every job done, rows recorded."""
     import subprocess
