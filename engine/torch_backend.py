@@ -192,13 +192,14 @@ STATIC_ROWS = {"unet_prepare": ("min",), "unet_step": ("min", "max"), "vae_encod
 # 69 rows 140.77 -> 140.58 ms; outputs within 8.7e-4 of the live module either way. Tiny preset, fp32, our 2-core
 # CPU: 3.37 -> 3.45 ms at 2 rows (within that machine's noise). v9: MATMUL_EPILOGUES. v10: the temporal attention's
 # frame position encoding as a constant table of the package (`models.layers.position_tables`) instead of
-# arange/exp/sin/cos ops fused into the temporal LayerNorm's kernel, which Inductor then stored frames-innermost and
-# copied back to row-major for the q/k/v product
-# (benchmarks/results/temporal-norm-copy-diagnosis-tiny-h200-eb5c389.txt). H200, paper unet_step, static fp16 packages,
-# CUDA-graph replay, against v9 in the same run (benchmarks/results/step-variants-position-paper-h200-1ac0cd8.json): the
-# three LayerNorm kernels that computed the encoding (3.60 ms at 69 rows) become plain LayerNorm + add kernels (2.14
-# ms); 69 rows 139.61 -> 136.99 ms (kernel time 137.94 -> 137.58 ms), 1 row 5.24 -> 5.22 ms; outputs within 9.3e-4 of
-# the live module either way. The copies to row-major stay: the encoding's ops did not cause them.
+# arange/exp/sin/cos ops computed inside the temporal LayerNorm's kernel (a candidate cause of that kernel's
+# frames-innermost output and its copy, benchmarks/results/temporal-norm-copy-diagnosis-tiny-h200-eb5c389.txt). H200,
+# paper unet_step, static fp16 packages, CUDA-graph replay, against v9 in the same run
+# (benchmarks/results/step-variants-position-paper-h200-1ac0cd8.json): the three LayerNorm kernels that computed the
+# encoding (3.60 ms at 69 rows) become plain LayerNorm + add kernels (2.14 ms); 69 rows 139.61 -> 136.99 ms (kernel time
+# 137.94 -> 137.58 ms), 1 row 5.24 -> 5.22 ms; outputs within 9.3e-4 of the live module either way. The copies to
+# row-major stay: the encoding's ops did not cause them. End to end (engines-aoti-paper-1024f-h200-03fb4ae.json): DoD
+# 8.91 s, AR 19.28 s, on a machine where v9's step timed 2.7% slower than in v9's own run (8.81 s, 19.36 s).
 PACKAGING = 10
 # How each network's packages run temporal convolutions (`models.layers.TemporalConv.LAYOUTS`; networks not named
 # here: "frames-as-height"). "frames-as-height": a (k, 1) 2-D convolution on the channels-last hidden state read as
