@@ -350,6 +350,8 @@ def add_train(sub) -> None:
                    help="at the time limit: save and resume later, or end the stage with the steps done")
     p.add_argument("--workers", type=positive_int, default=1, help="processes rendering the procedural stories")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="mtd on CUDA: run every step eagerly instead of "
+                   "replaying it as one CUDA graph (the same step; eager is slower for small models)")
     p.add_argument("--export", default=None, help="also write the run's weights as an fp16 checkpoint here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -368,7 +370,7 @@ def cmd_train(args) -> None:
 
     opts = TrainOptions(args.stage, args.steps, batch=args.batch, lr=args.lr, depth=args.depth,
                         ar_fraction=args.ar_fraction, save_every=args.save_every, seed=args.seed,
-                        time_limit_s=args.time_limit, at_limit=args.at_limit)
+                        time_limit_s=args.time_limit, at_limit=args.at_limit, cuda_graphs=not args.no_cuda_graphs)
     device = resolve_device(args.device)
     current = Path(args.run) / "models.safetensors"
     if current.is_file():  # an existing run continues with its own weights and architecture

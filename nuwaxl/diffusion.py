@@ -59,9 +59,15 @@ class NoiseSchedule:
             steps[i] = min(steps[i], steps[i - 1] - 1)
         return steps
 
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I) (Eq. 4 with the standard deviation written correctly)."""
-        ab = torch.tensor(self.alphas_cumprod, device=x0.device, dtype=torch.float64)[t].to(x0.dtype)
+    def table(self, device: torch.device | str) -> torch.Tensor:
+        """alpha-bar_t for t = 0..T-1 as a float64 tensor on `device`."""
+        return torch.tensor(self.alphas_cumprod, device=device, dtype=torch.float64)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                  table: torch.Tensor | None = None) -> torch.Tensor:
+        """q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I) (Eq. 4 with the standard deviation written correctly).
+        `table`: `self.table(x0.device)` made beforehand, as a CUDA-graph capture needs (no host-to-device copy)."""
+        ab = (self.table(x0.device) if table is None else table)[t].to(x0.dtype)
         ab = ab.reshape(-1, *([1] * (x0.dim() - 1)))
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 

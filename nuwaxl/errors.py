@@ -24,6 +24,7 @@ CLI_FLAGS = {
     "num_frames": "--frames",
     "path": "--checkpoint",
     "allow_large": "--yes",
+    "cuda_graphs": "--no-cuda-graphs",
 }
 
 _cli = contextvars.ContextVar("nuwaxl_cli", default=False)

@@ -380,3 +380,66 @@ def test_clips_with_no_frame_given_skip_the_condition_encode():
     assert seen == [2]
     torch.testing.assert_close(cond, reference, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(cond[0], cond[1])  # the given frames reach the latents
+    # Shapes that do not depend on the clips (CUDA graphs): every clip encoded, the same latents
+    cond = condition_latents(vae, video, mask, torch.tensor(given), blank)
+    assert seen == [2, 4]
+    torch.testing.assert_close(cond, reference, atol=1e-5, rtol=1e-4)
+
+
+def mtd_trainer(run, videos, **kw):
+    models = NuwaModels.random(preset("tiny"), seed=0)
+    with torch.no_grad():  # temporal layers that mix frames, so the condition encode depends on the clip
+        for name, p in models.vae.named_parameters():
+            if "temporal" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    opts = TrainOptions("mtd", 3, batch=4, depth=2, **kw)
+    return Trainer(run, models, Corpus(videos, models, CPU), opts, CPU, progress=False)
+
+
+def test_the_cuda_graph_step_computes_the_eager_loss(tmp_path, tiny_videos):
+    """A CUDA graph replays fixed shapes, so its step encodes every clip's condition (`given_rows` None) where an
+    eager step encodes only the clips with a frame given: the same loss for the same clips and noise."""
+    import dataclasses
+
+    trainer = mtd_trainer(tmp_path / "run", tiny_videos)
+    batches = [trainer._draw_mtd() for _ in range(4)]
+    assert any(not all(b.given_rows) for b in batches) and any(any(b.given_rows) for b in batches)
+    for batch in batches:
+        with torch.no_grad():
+            eager = trainer._mtd_loss_of(batch)
+            fixed = trainer._mtd_loss_of(dataclasses.replace(batch, given_rows=None))
+        torch.testing.assert_close(fixed, eager, atol=1e-6, rtol=1e-5)
+
+
+def test_a_non_finite_loss_stops_training_before_anything_is_saved(tmp_path, tiny_videos, monkeypatch):
+    """Losses are summed on the device and read at log lines and saves (no wait at every step); a non-finite one
+    still stops the run, naming the steps, before a save could keep it."""
+    run = tmp_path / "run"
+    trainer = mtd_trainer(run, tiny_videos, save_every=2)  # log_every 50: the save at step 2 is the first check
+    loss_of = Trainer._mtd_loss_of
+    monkeypatch.setattr(Trainer, "_mtd_loss_of", lambda self, b: loss_of(self, b) * float("nan")
+                        if self.step == 1 else loss_of(self, b))
+    with pytest.raises(FloatingPointError, match="non-finite loss in steps 1-2 of mtd"):
+        trainer.train()
+    assert not (run / "state.pt").exists() and not (run / "models.safetensors").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
+def test_mtd_steps_replayed_as_a_cuda_graph_train_as_eager_steps_do(tmp_path):
+    """The same clips and noise (one seed), the eager step against the captured one: the same logged losses and
+    weights up to float rounding (bf16 autocast in both)."""
+    videos = synthetic_corpus(0, 2, 300, 32)
+    cuda = torch.device("cuda")
+    out = {}
+    for graphs in (False, True):
+        run = tmp_path / str(graphs)
+        models = NuwaModels.random(preset("tiny"), seed=0).to(cuda)
+        opts = TrainOptions("mtd", 12, batch=4, depth=2, log_every=2, cuda_graphs=graphs)
+        trainer = Trainer(run, models, Corpus(videos, models, cuda), opts, cuda, progress=False)
+        out[graphs] = trainer.train().state_dict(), [json.loads(x)["loss"] for x in
+                                                     (run / "log.jsonl").read_text().splitlines()]
+        assert (trainer._graph is not None) == graphs
+    np.testing.assert_allclose(out[True][1], out[False][1], rtol=2e-2)
+    for k, v in out[False][0].items():
+        torch.testing.assert_close(out[True][0][k], v, atol=2e-3, rtol=2e-2, msg=k)

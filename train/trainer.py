@@ -16,6 +16,7 @@ weights become `models.safetensors`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from nuwaxl.config import TrainingRecord
 from nuwaxl.diffusion import NoiseSchedule
+from nuwaxl.engine.graphs import CAPTURE_ERROR_MODE
 from nuwaxl.errors import UserError, option
 from nuwaxl.files import atomic_output, write_text
 from nuwaxl.models.checkpoint import NuwaModels, load_checkpoint, save_checkpoint
@@ -61,6 +63,10 @@ class TrainOptions:
     save_every: int = 1000
     seed: int = 0
     time_limit_s: float | None = None  # wall-clock budget of this call
+    # mtd on CUDA: each step (forward, backward, optimizer, EMA) replayed as one CUDA graph after a few eager steps.
+    # The MTD of the `small` preset is so small that an eager step is mostly kernel launches (measured:
+    # benchmarks/results/EXPERIMENTS.md); the graph computes the same step. Off: every step eager.
+    cuda_graphs: bool = True
     at_limit: str = "pause"  # at the time limit: "pause" (save, resume later) or "finish" (end the stage early)
 
     def __post_init__(self):
@@ -91,18 +97,23 @@ class Corpus:
         index = {c: i for i, c in enumerate(captions)}
         self.tokens = models.tokenizer(captions).to(device)  # (U, 77)
         self.empty = index[""]
-        self.frames = [torch.from_numpy(v.frames).to(device) for v in videos]
-        self.caption_ids = [torch.tensor([index[c] for c in v.captions], device=device) for v in videos]
+        # All videos' frames in one tensor (video v starts at offsets[v]), so that a batch of clips is one gather
+        self.frames = torch.from_numpy(np.concatenate([v.frames for v in videos])).to(device)  # (N, H, W, 3) uint8
+        self.caption_ids = torch.tensor([index[c] for v in videos for c in v.captions], device=device)  # (N,)
         self.words = sorted({w for c in captions for w in words(c)})  # the vocabulary the MTD learns
         versions = {v.story_version for v in videos}
         self.story_version = versions.pop() if len(versions) == 1 else None
         self.lengths = np.array([len(v) for v in videos])
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
         self.device = device
 
     def pixels(self, video: int, positions) -> torch.Tensor:
         """(L, 3, H, W) float pixels in [-1, 1]."""
-        idx = torch.as_tensor(positions, device=self.device)
-        return self.frames[video][idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return self.pixels_at(torch.as_tensor(self.offsets[video] + np.asarray(positions), device=self.device))
+
+    def pixels_at(self, index: torch.Tensor) -> torch.Tensor:
+        """Frames by index into all videos' frames (`offsets`): (*index.shape, 3, H, W) float pixels in [-1, 1]."""
+        return self.frames[index].movedim(-1, -3).float() / 127.5 - 1.0
 
     def pick(self, rng: np.random.Generator, min_frames: int = 1) -> int:
         ok = np.flatnonzero(self.lengths >= min_frames)
@@ -144,18 +155,43 @@ def latent_std(vae: TKLVAE, corpus: Corpus, L: int, opts: TrainOptions, clips: i
 
 
 @torch.no_grad()
-def condition_latents(vae: TKLVAE, video: torch.Tensor, mask: torch.Tensor, given: list[bool],
+def condition_latents(vae: TKLVAE, video: torch.Tensor, mask: torch.Tensor, given: list[bool] | torch.Tensor,
                       blank: torch.Tensor) -> torch.Tensor:
     """The T-KLVAE means of `video` with its non-condition frames zeroed (`mask`), unscaled. A clip with no frame
     given (`given[b]` False: a global clip, an AR video's first window) is an all-zero video, whose encoding is
-    `blank` (one clip's); only the others go through the encoder. Why it pays (most of DoD's clips are global ones,
-    and the frozen T-KLVAE's encodes are a large share of a step): benchmarks/results/EXPERIMENTS.md."""
+    `blank` (one clip's). With `given` a list, only the other clips go through the encoder. Why it pays (most of
+    DoD's clips are global ones, and the frozen T-KLVAE's encodes are a large share of an eager step):
+    benchmarks/results/EXPERIMENTS.md. With `given` a (B,) bool tensor every clip is encoded and those without a
+    frame replaced by `blank`: the same values up to rounding, in shapes that do not depend on the clips (CUDA
+    graphs)."""
+    if isinstance(given, torch.Tensor):
+        enc = vae.encode(video * mask)[0].to(blank.dtype)
+        return torch.where(given.view(-1, *[1] * (enc.dim() - 1)), enc, blank)
     rows = [b for b, g in enumerate(given) if g]
     cond = blank.expand(video.shape[0], *blank.shape[1:]).clone()
     if rows:
         idx = torch.tensor(rows, device=video.device)
         cond[idx] = vae.encode(video[idx] * mask[idx])[0].to(cond.dtype)
     return cond
+
+
+@dataclass
+class MtdBatch:
+    """One MTD step's random inputs, on the training device (under CUDA graphs: the graph's input buffers, refilled
+    before every replay). `clips` (2, B, L): row 0 the clips' frames as indices into `Corpus.frames`, row 1 1 where a
+    frame is given as a condition; `drop` (B, L) uniform numbers (prompt dropout), `t` (B,) timesteps, `eps`
+    (B, L, c, h, w) noise. `given_rows`: which clips have a frame given, on the host (eager steps encode only
+    those; None in a graph's buffers, whose shapes must not depend on the clips)."""
+    clips: torch.Tensor
+    drop: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+    given_rows: list[bool] | None = None
+
+
+# Eager steps before the capture: lazy initialisation (cuDNN/cuBLAS handles, optimizer state, the blank encoding)
+# happens in them, not in the graph. They are ordinary training steps.
+GRAPH_WARMUP_STEPS = 3
 
 
 class Trainer:
@@ -192,20 +228,38 @@ class Trainer:
             for p in models.vae.parameters():
                 p.requires_grad_(False)
             self.trainable = {k: p for k, p in models.named_parameters() if not k.startswith("vae.")}
-        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=opts.lr, weight_decay=0.0)
+        self.graphs = opts.cuda_graphs and device.type == "cuda" and opts.stage == "mtd"
+        # On CUDA one fused AdamW kernel; under CUDA graphs also capturable, with the learning rate a device tensor
+        # that is refilled before each replay (a float would be frozen into the graph).
+        self._adam = {"fused": True, "foreach": None, "capturable": self.graphs} if device.type == "cuda" else {}
+        self._lr = torch.tensor(opts.lr, device=device) if self.graphs else None
+        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=opts.lr if self._lr is None else self._lr,
+                                           weight_decay=0.0, **self._adam)
         self.ema = {k: p.detach().clone() for k, p in self.trainable.items()}
+        self._ema_weight = torch.zeros((), device=device)  # 1 - decay of this step
+        self._loss_sum = torch.zeros((), device=device)  # losses since the last log line, summed on the device
+        self._loss_steps = 0
         self.step = 0
         self.last_loss: float | None = None  # the latest logged mean loss
         self.blank: torch.Tensor | None = None  # mtd: the T-KLVAE's encoding of an all-zero clip (`condition_latents`)
         self.rng = np.random.default_rng(opts.seed)
         self.torch_gen = torch.Generator(device=device).manual_seed(opts.seed)
+        self._alphas = self.schedule.table(device)
+        self._graph: torch.cuda.CUDAGraph | None = None  # the captured step, reading `_inputs`
+        self._inputs: MtdBatch | None = None
+        self._pinned: torch.Tensor | None = None  # host staging of `_inputs.clips`, reused once `_staged` has passed
+        self._staged: torch.cuda.Event | None = None
+        self._eager_graph_steps = 0
 
     # ---- state -------------------------------------------------------------------------------------------
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.models if self.opts.stage != "vae-image" else self._with_image_vae(self.trainable),
                         self.run_dir / "models.safetensors")
-        state = {"stage": self.opts.stage, "step": self.step, "optimizer": self.optimizer.state_dict(),
+        optimizer = self.optimizer.state_dict()
+        for g in optimizer["param_groups"]:  # plain numbers, loadable by any optimizer settings
+            g["lr"] = float(g["lr"])
+        state = {"stage": self.opts.stage, "step": self.step, "optimizer": optimizer,
                  "ema": self.ema, "rng": self.rng.bit_generator.state, "torch_rng": self.torch_gen.get_state()}
         with atomic_output(self.run_dir / "state.pt") as tmp:
             torch.save(state, tmp)
@@ -221,7 +275,12 @@ class Trainer:
         if self.opts.stage == "vae-image":  # models.safetensors holds the image VAE's weights mid-stage
             self.net.load_state_dict({k: v for k, v in self.models.vae.state_dict().items()
                                       if k in self.net.state_dict()})
+        for g in state["optimizer"]["param_groups"]:  # this trainer's kernel settings, whatever wrote the state
+            g.update(self._adam)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self._lr is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = self._lr
         self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
         self.step = state["step"]
         self.rng.bit_generator.state = state["rng"]
@@ -280,31 +339,159 @@ class Trainer:
         return F.l1_loss(recon, video) + F.mse_loss(recon, video) + self.opts.kl_weight * kl
 
     def _mtd_loss(self) -> torch.Tensor:
-        opts, corpus, models, L = self.opts, self.corpus, self.models, self.L
+        return self._mtd_loss_of(self._draw_mtd())
+
+    def _draw_mtd(self, into: MtdBatch | None = None) -> MtdBatch:
+        """The next step's clips and noise; into `into`'s buffers when given (a CUDA graph's inputs)."""
+        opts, corpus, L, gen, dev = self.opts, self.corpus, self.L, self.torch_gen, self.device
         picks = [mtd_clip(corpus, L, opts, self.rng) for _ in range(opts.batch)]
-        video = torch.stack([corpus.pixels(v, c.positions) for v, c in picks])  # (B, L, 3, H, W)
-        mask = torch.zeros(len(picks), L, 1, *video.shape[-2:], device=self.device)
-        for b, (_, clip) in enumerate(picks):
-            mask[b, list(clip.cond_slots)] = 1.0
+        host = np.zeros((2, len(picks), L), np.int64)
+        for b, (v, clip) in enumerate(picks):
+            host[0, b] = corpus.offsets[v] + np.asarray(clip.positions)
+            host[1, b, list(clip.cond_slots)] = 1
+        B, c, size = len(picks), self.models.config.unet.latent_channels, self.models.config.latent_size
+        if into is None:
+            return MtdBatch(torch.from_numpy(host).to(dev),
+                            torch.rand((B, L), generator=gen, device=dev),
+                            torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=gen, device=dev),
+                            torch.randn((B, L, c, size, size), generator=gen, device=dev),
+                            [bool(clip.cond_slots) for _, clip in picks])
+        self._staged.synchronize()  # the previous step's copy has left the pinned buffer
+        self._pinned.numpy()[:] = host
+        into.clips.copy_(self._pinned, non_blocking=True)
+        self._staged.record()
+        torch.rand((B, L), generator=gen, out=into.drop)  # the same draws, in the same order, as eager steps
+        torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=gen, out=into.t)
+        torch.randn((B, L, c, size, size), generator=gen, out=into.eps)
+        return into
+
+    def _mtd_loss_of(self, batch: MtdBatch) -> torch.Tensor:
+        opts, corpus, models = self.opts, self.corpus, self.models
+        video = corpus.pixels_at(batch.clips[0])  # (B, L, 3, H, W)
+        given = batch.clips[1].float()[:, :, None, None, None]  # (B, L, 1, 1, 1)
+        mask = given.expand(-1, -1, 1, *video.shape[-2:]).contiguous()
         scale = models.config.vae.scaling_factor
         with torch.no_grad():  # x0 = T-KLVAE(v0); x0^c = T-KLVAE(v0 with non-condition frames zeroed) (sec. 3.2)
             x0 = models.vae.encode(video)[0] * scale
             if self.blank is None:  # the T-KLVAE is frozen in this stage: one encoding of an all-zero clip serves all
                 self.blank = models.vae.encode(torch.zeros_like(video[:1]))[0]
-            cond = condition_latents(models.vae, video, mask, [bool(c.cond_slots) for _, c in picks],
-                                     self.blank) * scale
-            f = video.shape[-1] // x0.shape[-1]
-            latent_mask = mask[..., ::f, ::f]
-        ids = torch.stack([corpus.caption_ids[v][list(c.positions)] for v, c in picks])  # (B, L)
-        drop = torch.rand(ids.shape, generator=self.torch_gen, device=self.device) < opts.prompt_dropout
-        ids = torch.where(drop, torch.full_like(ids, corpus.empty), ids)
+            rows = batch.given_rows if batch.given_rows is not None else batch.clips[1].bool().any(1)
+            cond = condition_latents(models.vae, video, mask, rows, self.blank) * scale
+            latent_mask = given.expand(-1, -1, 1, *x0.shape[-2:]).contiguous()
+        ids = corpus.caption_ids[batch.clips[0]]  # (B, L)
+        ids = torch.where(batch.drop < opts.prompt_dropout, torch.full_like(ids, corpus.empty), ids)
         context = models.text(corpus.tokens[ids.flatten()]).unflatten(0, ids.shape)  # (B, L, 77, d)
-        t = torch.randint(0, self.schedule.num_train_timesteps, (len(picks),), generator=self.torch_gen,
-                          device=self.device)
-        eps = torch.randn(x0.shape, generator=self.torch_gen, device=self.device)
-        x_t = self.schedule.add_noise(x0.float(), eps, t)  # fp32 even under bf16 autocast
-        pred = models.unet(x_t, t, context, cond, latent_mask)
-        return F.mse_loss(pred.float(), eps)
+        x_t = self.schedule.add_noise(x0.float(), batch.eps, batch.t, self._alphas)  # fp32 even under bf16 autocast
+        pred = models.unet(x_t, batch.t, context, cond, latent_mask)
+        return F.mse_loss(pred.float(), batch.eps)
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward, clipping, optimizer and EMA for one step's loss; no host synchronisation (CUDA-graph safe)."""
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable.values(), 1.0)
+        self.optimizer.step()
+        with torch.no_grad():  # ema += (1 - decay) (p - ema)
+            params = [p.detach() for p in self.trainable.values()]
+            ema = list(self.ema.values())
+            diff = torch._foreach_sub(params, ema)
+            torch._foreach_mul_(diff, self._ema_weight)
+            torch._foreach_add_(ema, diff)
+            self._loss_sum += loss.detach().float()
+
+    def _eager_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.amp if self.amp is not None else torch.enable_grad():
+            loss = self.loss()
+        self._update(loss)
+
+    def _graph_step(self) -> None:
+        """One step as a CUDA-graph replay; the first `GRAPH_WARMUP_STEPS` run eagerly on the graph's inputs, the
+        next one captures the graph first. Runs on the current (side) stream."""
+        if self._graph is None:
+            if self._eager_graph_steps == 0:
+                B, L = self.opts.batch, self.L
+                self._pinned = torch.zeros((2, B, L), dtype=torch.int64).pin_memory()
+                self._staged = torch.cuda.Event()
+                self._staged.record()
+                c, size = self.models.config.unet.latent_channels, self.models.config.latent_size
+                self._inputs = MtdBatch(torch.zeros((2, B, L), dtype=torch.int64, device=self.device),
+                                        torch.zeros((B, L), device=self.device),
+                                        torch.zeros((B,), dtype=torch.int64, device=self.device),
+                                        torch.zeros((B, L, c, size, size), device=self.device))
+            batch = self._draw_mtd(self._inputs)
+            # autocast's weight-cast cache must not outlive a step: under a graph the weights change every replay
+            amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+            if self._eager_graph_steps < GRAPH_WARMUP_STEPS:
+                self._eager_graph_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                with amp:
+                    loss = self._mtd_loss_of(batch)
+                self._update(loss)
+                return
+            self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=torch.cuda.current_stream(),
+                                      capture_error_mode=CAPTURE_ERROR_MODE):
+                    with amp:
+                        loss = self._mtd_loss_of(batch)
+                    self._update(loss)
+            except RuntimeError as e:  # at step GRAPH_WARMUP_STEPS of this call: nothing to lose by stopping
+                raise RuntimeError(f"the MTD training step could not be captured as a CUDA graph ({e}); run again "
+                                   f"with {option('cuda_graphs', False, cli_value=None)} (eager steps, slower)") from e
+            self._graph = graph
+        else:
+            self._draw_mtd(self._inputs)
+        self._graph.replay()
+
+    def _mean_loss(self, keep: bool = False) -> float:
+        """The mean loss of the steps since the last call (the host waits for them here, not at every step);
+        a non-finite one stops training before anything is saved. `keep`: check only, do not start a new mean."""
+        if not self._loss_steps:
+            return float("nan") if self.last_loss is None else self.last_loss
+        mean = float(self._loss_sum) / self._loss_steps
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"non-finite loss in steps {self.step - self._loss_steps + 1}-{self.step} of "
+                                     f"{self.opts.stage} (the run folder keeps its last save); lower "
+                                     f"{option('lr')}")
+        if not keep:
+            self._loss_sum.zero_()
+            self._loss_steps = 0
+        return mean
+
+    def _loop(self, bar, log) -> bool:
+        """Steps until the stage's end or the time limit; True if paused there."""
+        opts, t0 = self.opts, time.perf_counter()
+        paused = False
+        while self.step < opts.steps:
+            if opts.time_limit_s is not None and time.perf_counter() - t0 > opts.time_limit_s:
+                bar.write(f"time limit reached at step {self.step} of {opts.steps}: "
+                          + ("saved; run the same command again to resume" if opts.at_limit == "pause"
+                             else "finishing the stage early"))
+                paused = opts.at_limit == "pause"
+                break
+            if self._lr is not None:  # fill_: ordered on the stream before the replay that reads it
+                self._lr.fill_(self.lr_at(self.step))
+            else:
+                for g in self.optimizer.param_groups:
+                    g["lr"] = self.lr_at(self.step)
+            self._ema_weight.fill_(1 - min(opts.ema, (1 + self.step) / (10 + self.step)))
+            self._graph_step() if self.graphs else self._eager_step()
+            self.step += 1
+            self._loss_steps += 1
+            bar.update()
+            if self.step % opts.log_every == 0 or self.step == opts.steps:
+                rec = {"stage": opts.stage, "step": self.step, "loss": self._mean_loss(),
+                       "lr": self.lr_at(self.step - 1), "seconds": round(time.perf_counter() - t0, 2)}
+                log.write(json.dumps(rec) + "\n")
+                self.last_loss = rec["loss"]
+                log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if self.step % opts.save_every == 0 and self.step < opts.steps:
+                self._mean_loss(keep=True)
+                self.save()
+        self._mean_loss(keep=True)  # nothing non-finite is saved or finished
+        return paused
 
     def train(self) -> NuwaModels | None:
         """Run the stage to its end (returns the final models) or, at the time limit with at_limit='pause', save
@@ -318,45 +505,14 @@ class Trainer:
         bar = tqdm(total=opts.steps, initial=self.step, desc=opts.stage, unit="step", disable=not self.progress)
         if resumed:
             bar.write(f"resuming {opts.stage} at step {self.step}")
-        running, t0 = [], time.perf_counter()
-        paused = False
+        # Under CUDA graphs the loop runs on a side stream (a graph cannot be captured on the default one)
+        side = torch.cuda.Stream(self.device) if self.graphs else None
         try:
-            while self.step < opts.steps:
-                if opts.time_limit_s is not None and time.perf_counter() - t0 > opts.time_limit_s:
-                    bar.write(f"time limit reached at step {self.step} of {opts.steps}: "
-                              + ("saved; run the same command again to resume" if opts.at_limit == "pause"
-                                 else "finishing the stage early"))
-                    paused = opts.at_limit == "pause"
-                    break
-                for g in self.optimizer.param_groups:
-                    g["lr"] = self.lr_at(self.step)
-                with self.amp if self.amp is not None else torch.enable_grad():
-                    loss = self.loss()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at step {self.step} of {opts.stage}; "
-                                             f"lower {option('lr')}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.trainable.values(), 1.0)
-                self.optimizer.step()
-                with torch.no_grad():
-                    decay = min(opts.ema, (1 + self.step) / (10 + self.step))
-                    for k, p in self.trainable.items():
-                        self.ema[k].lerp_(p.detach(), 1 - decay)
-                self.step += 1
-                running.append(float(loss.detach()))
-                bar.update()
-                if self.step % opts.log_every == 0 or self.step == opts.steps:
-                    rec = {"stage": opts.stage, "step": self.step, "loss": float(np.mean(running)),
-                           "lr": self.lr_at(self.step - 1), "seconds": round(time.perf_counter() - t0, 2)}
-                    log.write(json.dumps(rec) + "\n")
-                    self.last_loss = rec["loss"]
-                    log.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                    running = []
-                if self.step % opts.save_every == 0 and self.step < opts.steps:
-                    self.save()
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                paused = self._loop(bar, log)
         finally:
+            if side is not None:  # what follows (saving, exporting) reads the weights on the default stream
+                torch.cuda.current_stream(self.device).wait_stream(side)
             bar.close()
             log.close()
             for m in (self.net, self.models):
