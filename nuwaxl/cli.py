@@ -352,6 +352,8 @@ def add_train(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="mtd on CUDA: run every step eagerly instead of "
                    "replaying it as one CUDA graph (the same step; eager is slower for small models)")
+    p.add_argument("--compile", action="store_true", help="mtd: compile the step's forward and backward with "
+                   "torch.compile (fewer, fused kernels; the first steps pay minutes of compilation)")
     p.add_argument("--export", default=None, help="also write the run's weights as an fp16 checkpoint here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -370,7 +372,8 @@ def cmd_train(args) -> None:
 
     opts = TrainOptions(args.stage, args.steps, batch=args.batch, lr=args.lr, depth=args.depth,
                         ar_fraction=args.ar_fraction, save_every=args.save_every, seed=args.seed,
-                        time_limit_s=args.time_limit, at_limit=args.at_limit, cuda_graphs=not args.no_cuda_graphs)
+                        time_limit_s=args.time_limit, at_limit=args.at_limit, cuda_graphs=not args.no_cuda_graphs,
+                        compile=args.compile)
     device = resolve_device(args.device)
     current = Path(args.run) / "models.safetensors"
     if current.is_file():  # an existing run continues with its own weights and architecture

@@ -16,7 +16,8 @@
 # reach by a deadline: MTD_STEPS=3858). The third run continued the second one's MTDs (1795 steps) by 3191 steps each
 # (benchmarks/results/training/v2c-training-summary.json); the fourth continued the third's by 2814 steps each
 # (RUNS=runs3 INIT_DIR=runs2 SEED=6; 7800 in all; v2d-training-summary.json), the fifth the fourth's by 2290
-# (RUNS=runs4 INIT_DIR=runs3 SEED=7; 10090 in all; v2e-training-summary.json).
+# (RUNS=runs4 INIT_DIR=runs3 SEED=7; 10090 in all; v2e-training-summary.json). The sixth added 663 (SEED=8; v2f-*);
+# the seventh, the first with CUDA-graph steps (8.7 instead of 4.4 steps/s each), 3667 (SEED=9; 14420 in all; v2g-*).
 set -euo pipefail
 PHASE=${1:?usage: recipe_v2.sh vae|mtd|export}
 RUNS=${RUNS:-runs}
@@ -35,6 +36,8 @@ COMMON="--preset $PRESET --stories $STORIES --story-frames $STORY_FRAMES --story
 CUDA_GRAPHS=${CUDA_GRAPHS:-1}
 MTD="--stage mtd --steps $MTD_STEPS --batch 32 --lr $MTD_LR --seed $SEED --save-every 1000 --time-limit $SECONDS_PER_CALL"
 if [ "$CUDA_GRAPHS" = 0 ]; then MTD="$MTD --no-cuda-graphs"; fi
+# COMPILE=1: the step's forward and backward through torch.compile as well (TrainOptions.compile)
+if [ "${COMPILE:-0}" = 1 ]; then MTD="$MTD --compile"; fi
 t() { python -P -m nuwaxl.cli train $COMMON "$@"; }
 case $PHASE in
   vae)

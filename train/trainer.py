@@ -67,6 +67,9 @@ class TrainOptions:
     # The MTD of the `small` preset is so small that an eager step is mostly kernel launches (measured:
     # benchmarks/results/EXPERIMENTS.md); the graph computes the same step. Off: every step eager.
     cuda_graphs: bool = True
+    # mtd: the step's forward (and so its backward) compiled by torch.compile (`COMPILE_BACKEND`), fixed shapes as
+    # under CUDA graphs; fewer, fused kernels. The first steps pay the compilation (minutes for `small`).
+    compile: bool = False
     at_limit: str = "pause"  # at the time limit: "pause" (save, resume later) or "finish" (end the stage early)
 
     def __post_init__(self):
@@ -189,6 +192,9 @@ class MtdBatch:
     given_rows: list[bool] | None = None
 
 
+# torch.compile's backend for `TrainOptions.compile` (the CPU test traces with "eager": the same graph, no codegen)
+COMPILE_BACKEND = "inductor"
+
 # Eager steps before the capture: lazy initialisation (cuDNN/cuBLAS handles, optimizer state, the blank encoding)
 # happens in them, not in the graph. They are ordinary training steps.
 GRAPH_WARMUP_STEPS = 3
@@ -250,6 +256,8 @@ class Trainer:
         self._pinned: torch.Tensor | None = None  # host staging of `_inputs.clips`, reused once `_staged` has passed
         self._staged: torch.cuda.Event | None = None
         self._eager_graph_steps = 0
+        self._compiled = (torch.compile(self._mtd_loss_of, backend=COMPILE_BACKEND, dynamic=False)
+                          if opts.compile and opts.stage == "mtd" else None)
 
     # ---- state -------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -339,7 +347,17 @@ class Trainer:
         return F.l1_loss(recon, video) + F.mse_loss(recon, video) + self.opts.kl_weight * kl
 
     def _mtd_loss(self) -> torch.Tensor:
-        return self._mtd_loss_of(self._draw_mtd())
+        return self._loss_of(self._draw_mtd())
+
+    def _loss_of(self, batch: MtdBatch) -> torch.Tensor:
+        """`_mtd_loss_of`, compiled if asked (then in fixed shapes, one compilation for every step)."""
+        if self.blank is None:  # the T-KLVAE is frozen in this stage: one encoding of an all-zero clip serves all
+            res = self.models.config.resolution
+            with torch.no_grad():
+                self.blank = self.models.vae.encode(torch.zeros((1, self.L, 3, res, res), device=self.device))[0]
+        if self._compiled is None:
+            return self._mtd_loss_of(batch)
+        return self._compiled(dataclasses.replace(batch, given_rows=None))
 
     def _draw_mtd(self, into: MtdBatch | None = None) -> MtdBatch:
         """The next step's clips and noise; into `into`'s buffers when given (a CUDA graph's inputs)."""
@@ -373,8 +391,6 @@ class Trainer:
         scale = models.config.vae.scaling_factor
         with torch.no_grad():  # x0 = T-KLVAE(v0); x0^c = T-KLVAE(v0 with non-condition frames zeroed) (sec. 3.2)
             x0 = models.vae.encode(video)[0] * scale
-            if self.blank is None:  # the T-KLVAE is frozen in this stage: one encoding of an all-zero clip serves all
-                self.blank = models.vae.encode(torch.zeros_like(video[:1]))[0]
             rows = batch.given_rows if batch.given_rows is not None else batch.clips[1].bool().any(1)
             cond = condition_latents(models.vae, video, mask, rows, self.blank) * scale
             latent_mask = given.expand(-1, -1, 1, *x0.shape[-2:]).contiguous()
@@ -425,7 +441,7 @@ class Trainer:
                 self._eager_graph_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 with amp:
-                    loss = self._mtd_loss_of(batch)
+                    loss = self._loss_of(batch)
                 self._update(loss)
                 return
             self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
@@ -434,7 +450,7 @@ class Trainer:
                 with torch.cuda.graph(graph, stream=torch.cuda.current_stream(),
                                       capture_error_mode=CAPTURE_ERROR_MODE):
                     with amp:
-                        loss = self._mtd_loss_of(batch)
+                        loss = self._loss_of(batch)
                     self._update(loss)
             except RuntimeError as e:  # at step GRAPH_WARMUP_STEPS of this call: nothing to lose by stopping
                 raise RuntimeError(f"the MTD training step could not be captured as a CUDA graph ({e}); run again "
