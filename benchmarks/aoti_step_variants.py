@@ -19,7 +19,9 @@ package, the same values) instead of the arange/exp/sin/cos ops Inductor fuses i
 `fp8` the
 transformer blocks' linear layers in e4m3 (`models.fp8`, input ranges calibrated on the sample inputs at a few
 timesteps), `tune` Inductor's max-autotune for matmuls (cuBLAS against Triton templates) and coordinate-descent
-tuning of its Triton kernels, `mm1` 1x1 convolutions as matmuls.
+tuning of its Triton kernels, `mm1` 1x1 convolutions as matmuls, `nolo` / `nolof` / `nocp` Inductor's layout
+optimisation / loop ordering after fusion / comprehensive padding off (diagnoses of the temporal LayerNorm's
+frames-innermost store, results/EXPERIMENTS.md).
 Packages are compiled in parallel processes (`--jobs`; `tune` ones alone, as they time kernels on the GPU), then each
 one is timed alone in this process as a CUDA graph replay (the runtime's `capture_run`), beside the live module
 (eager kernels, channels-last, CUDA graph), and its output compared with the live module's. `--cudnn-benchmark` times
@@ -78,6 +80,9 @@ OPTIONS = {"fah": {"temporal": "frames-as-height"},
            "tune": {"inductor": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
                                  "coordinate_descent_tuning": True}},
            "mm1": {"inductor": {"conv_1x1_as_mm": True}},
+           "nolo": {"inductor": {"layout_optimization": False}},
+           "nolof": {"inductor": {"loop_ordering_after_fusion": False}},
+           "nocp": {"inductor": {"comprehensive_padding": False}},
            "pad8": {"pad": 8},
            "qkv": {"qkv": True},
            "gelu": {"epilogues": "gelu"},
