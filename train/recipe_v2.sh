@@ -32,9 +32,9 @@ VAE_IMAGE_STEPS=${VAE_IMAGE_STEPS:-4000} VAE_TEMPORAL_STEPS=${VAE_TEMPORAL_STEPS
 # 250 and 220 (27.8 dB; 90.8% attribute accuracy, 92.9% presence; benchmarks/results/quality-v2b-cpu-f9c5130.md).
 VAE_IMAGE_SECONDS=${VAE_IMAGE_SECONDS:-250} VAE_TEMPORAL_SECONDS=${VAE_TEMPORAL_SECONDS:-220}
 COMMON="--preset $PRESET --stories $STORIES --story-frames $STORY_FRAMES --story-version 2 --workers 8 --no-progress"
-# CUDA_GRAPHS=0: eager MTD steps (the runs up to the sixth); since then each step is replayed as one CUDA graph
+# MTD_BATCH: clips per MTD step (32 in every run so far). CUDA_GRAPHS=0: eager MTD steps (the runs up to the sixth); since then each step is replayed as one CUDA graph
 CUDA_GRAPHS=${CUDA_GRAPHS:-1}
-MTD="--stage mtd --steps $MTD_STEPS --batch 32 --lr $MTD_LR --seed $SEED --save-every 1000 --time-limit $SECONDS_PER_CALL"
+MTD="--stage mtd --steps $MTD_STEPS --batch ${MTD_BATCH:-32} --lr $MTD_LR --seed $SEED --save-every 1000 --time-limit $SECONDS_PER_CALL"
 if [ "$CUDA_GRAPHS" = 0 ]; then MTD="$MTD --no-cuda-graphs"; fi
 # COMPILE=1: the step's forward and backward through torch.compile as well (TrainOptions.compile)
 if [ "${COMPILE:-0}" = 1 ]; then MTD="$MTD --compile"; fi
