@@ -15,6 +15,8 @@ in the matrix products' epilogues (`models.unet.SpaceTimeTransformer.EPILOGUES` 
 `petab` the temporal attention's frame position encoding as a table computed before export (a constant of the
 package, the same values) instead of the arange/exp/sin/cos ops Inductor fuses into the temporal LayerNorm's kernel,
 `pe0` no frame position encoding at all (a different function: a diagnosis of that kernel's layout, not a candidate),
+`tln` that LayerNorm plus the position table as one Triton kernel writing row-major (`TemporalAttention.norm_kernel`,
+`models.frame_attention.frame_layer_norm`; with a temporal attention other than sdpa),
 `pad8` convolutions with channel counts that are not multiples of 8 zero-padded to them (`models.layers.aligned_convs`),
 `fp8` the
 transformer blocks' linear layers in e4m3 (`models.fp8`, input ranges calibrated on the sample inputs at a few
@@ -88,6 +90,7 @@ OPTIONS = {"fah": {"temporal": "frames-as-height"},
            "gelu": {"epilogues": "gelu"},
            "gres": {"epilogues": "gelu-residual"},
            "petab": {"position": "table"},
+           "tln": {"norm": "triton"},
            "pe0": {"position": "none"}}
 
 
@@ -98,7 +101,7 @@ def variant_options(name: str) -> tuple[str, str, dict]:
     if unknown:
         raise SystemExit(f"unknown variant option {unknown[0]!r} in {name!r}; options: {', '.join(OPTIONS)}")
     merged = {"temporal": "volume", "attention": "sdpa", "fp8": False, "inductor": {}, "pad": 0, "qkv": False,
-              "epilogues": "none", "position": "ops"}
+              "epilogues": "none", "position": "ops", "norm": "torch"}
     for o in opts:
         for k, v in OPTIONS[o].items():
             merged[k] = {**merged[k], **v} if k == "inductor" else v
@@ -147,7 +150,13 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
     from nuwaxl.engine.torch_backend import aoti_compile, channels_last_convs
     from nuwaxl.export.onnx_export import dynamic_shapes
     from nuwaxl.models.fp8 import quantize_fp8
-    from nuwaxl.models.layers import aligned_convs, fused_projections, temporal_attention_kernel, temporal_conv_layout
+    from nuwaxl.models.layers import (
+        aligned_convs,
+        fused_projections,
+        temporal_attention_kernel,
+        temporal_conv_layout,
+        temporal_norm_kernel,
+    )
     from nuwaxl.models.unet import matmul_epilogues
 
     shape, layout, opts = variant_options(name)
@@ -159,7 +168,7 @@ def compile_variant(name: str, preset: str, rows: int, folder: Path, network: st
     if opts["fp8"]:
         quantize_fp8(module, calibrate_fp8(module, spec, config, min(batch, 4)))
     with torch.no_grad(), temporal_conv_layout(module, opts["temporal"]), inductor_config.patch(opts["inductor"]), \
-            temporal_attention_kernel(module, opts["attention"]), \
+            temporal_attention_kernel(module, opts["attention"]), temporal_norm_kernel(module, opts["norm"]), \
             fused_projections(module) if opts["qkv"] else contextlib.nullcontext(), \
             matmul_epilogues(module, opts["epilogues"]), position_encoding(module, config, opts["position"]):
         if layout == "nhwc":  # the (k, 1) convolutions made for "frames-as-height" too

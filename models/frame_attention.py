@@ -11,6 +11,11 @@ reads: the memory floor is one read of q, k, v and one write.
 
 `frame_attention` is a `torch.library.triton_op`, so torch.export and AOTInductor compile the kernel into a package;
 it needs a CUDA tensor (or Triton's interpreter, TRITON_INTERPRET=1, for tests on the CPU).
+
+`frame_layer_norm` is the temporal attention's LayerNorm plus its frame position encoding as one such op, writing its
+output row by row: compiled by Inductor, that LayerNorm's output was stored frames-innermost and copied back for the
+q/k/v product (about 2.6 ms of the paper UNet's 69-row step on an H200, results/EXPERIMENTS.md). An experiment
+(`TemporalAttention.norm_kernel`), not yet in the packages.
 """
 
 from __future__ import annotations
@@ -35,6 +40,16 @@ def available() -> bool:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def _launcher(kernel):
+    """(how to launch `kernel`, whether it runs in Triton's interpreter). torch.export and Inductor trace a kernel
+    through wrap_triton, which takes compiled kernels only (torch 2.11 rejects the interpreter's); interpreted
+    kernels (CPU tests) run eagerly."""
+    import triton
+
+    interpreted = not isinstance(kernel, triton.runtime.jit.JITFunction)
+    return (kernel if interpreted else torch.library.wrap_triton(kernel)), interpreted
 
 
 @functools.cache
@@ -67,10 +82,7 @@ def _op():
         out = tl.dot(weights.to(v.dtype), v)  # (BLOCK_H, BLOCK_L, BLOCK_D), fp32
         tl.store(o_ptr + b * sob + s * sos + f3 * sol + col, out.to(o_ptr.dtype.element_ty), mask=ok)
 
-    # torch.export and Inductor trace a kernel through wrap_triton, which takes compiled kernels only (torch 2.11
-    # rejects the interpreter's); interpreted kernels (CPU tests) run eagerly
-    interpreted = not isinstance(frame_attention_kernel, triton.runtime.jit.JITFunction)
-    launch = frame_attention_kernel if interpreted else torch.library.wrap_triton(frame_attention_kernel)
+    launch, interpreted = _launcher(frame_attention_kernel)
 
     @torch.library.triton_op("nuwaxl::frame_attention", mutates_args=())
     def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -104,3 +116,58 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
         raise ValueError(f"frame_attention runs on CUDA tensors (got {q.device.type}); on the CPU use "
                          "TemporalAttention's 'math' kernel, or Triton's interpreter (TRITON_INTERPRET=1) in tests")
     return op(q, k, v, num_heads)
+
+
+@functools.cache
+def _norm_op():
+    """(the frame_layer_norm triton_op, whether it runs in Triton's interpreter), defined on first use."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def frame_layer_norm_kernel(x_ptr, w_ptr, b_ptr, pe_ptr, o_ptr, N, S, L, D, eps,
+                                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows of (B, L, S) in order
+        cols = tl.arange(0, BLOCK_D)
+        ok = (rows[:, None] < N) & (cols[None, :] < D)
+        at = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(ok, x - mean[:, None], 0.0)
+        y = xc * tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)[:, None]
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        frame = (rows // S) % L
+        pe = tl.load(pe_ptr + frame[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(o_ptr + at, (y * w[None, :] + b[None, :] + pe).to(o_ptr.dtype.element_ty), mask=ok)
+
+    launch, interpreted = _launcher(frame_layer_norm_kernel)
+
+    @torch.library.triton_op("nuwaxl::frame_layer_norm", mutates_args=())
+    def frame_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, table: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+        b, frames, s, d = x.shape
+        x = x.contiguous()
+        out = torch.empty((b, frames, s, d), device=x.device, dtype=x.dtype)
+        n, block_d = b * frames * s, _next_pow2(d)
+        block_r = max(1, min(16, 4096 // block_d))
+        launch[(triton.cdiv(n, block_r),)](x, weight, bias, table, out, n, s, frames, d, eps,
+                                           BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        return out
+
+    return frame_layer_norm, interpreted
+
+
+def frame_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, table: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim of (B, L, S, D) `x` (`weight`, `bias`: (D,)) plus the (L, D) frame position
+    `table` added to each frame's tokens: (B, L, S, D), written row-major. The same function as
+    `layer_norm(x) + table[:, None]`."""
+    if table.shape != (x.shape[1], x.shape[-1]):
+        raise ValueError(f"position table {tuple(table.shape)} does not match (L, D) = {(x.shape[1], x.shape[-1])}")
+    op, interpreted = _norm_op()
+    if x.device.type != "cuda" and not interpreted:
+        raise ValueError(f"frame_layer_norm runs on CUDA tensors (got {x.device.type}); on the CPU use "
+                         "TemporalAttention's 'torch' norm kernel, or Triton's interpreter (TRITON_INTERPRET=1) in "
+                         "tests")
+    return op(x, weight, bias, table.to(x.dtype), eps)

@@ -249,6 +249,10 @@ class TemporalAttention(nn.Module):
     # keeps each token's scores in registers (`models.frame_attention`; CUDA, or Triton's interpreter).
     KERNELS = ("sdpa", "math", "fused", "triton")
     kernel = "sdpa"
+    # How the kernels other than "sdpa" take the LayerNorm plus frame position encoding: "torch" (the ops, as
+    # traced) or "triton" (`models.frame_attention.frame_layer_norm`, one kernel writing row-major; an experiment)
+    NORM_KERNELS = ("torch", "triton")
+    norm_kernel = "torch"
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -270,7 +274,13 @@ class TemporalAttention(nn.Module):
             xt = xt + self.attn(self.norm(xt) + pe)
             return xt.reshape(b, s, num_frames, d).transpose(1, 2).reshape(bl, s, d)
         xt = x.reshape(b, num_frames, s, d)
-        return (xt + self.over_frames(self.norm(xt) + pe[:, None])).reshape(bl, s, d)
+        if self.norm_kernel == "triton":
+            from nuwaxl.models.frame_attention import frame_layer_norm
+
+            h = frame_layer_norm(xt, self.norm.weight, self.norm.bias, pe, self.norm.eps)
+        else:
+            h = self.norm(xt) + pe[:, None]
+        return (xt + self.over_frames(h)).reshape(bl, s, d)
 
     def over_frames(self, h: torch.Tensor) -> torch.Tensor:
         """Attention over dim 1 of (B, L, S, D) for every token and head, by `kernel` "math", "fused" or "triton"."""
@@ -313,6 +323,12 @@ def position_tables(module: nn.Module, num_frames: int):
     finally:
         for m in found:
             m._buffers.pop("position_table", None)
+
+
+def temporal_norm_kernel(module: nn.Module, kernel: str):
+    """Run every `TemporalAttention` of `module` with its LayerNorm by `kernel` (one of
+    `TemporalAttention.NORM_KERNELS`) inside the block."""
+    return each_module(module, TemporalAttention, "norm_kernel", kernel, TemporalAttention.NORM_KERNELS)
 
 
 def temporal_attention_kernel(module: nn.Module, kernel: str):

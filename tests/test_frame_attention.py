@@ -46,6 +46,40 @@ CHECK = textwrap.dedent(f"""
 """)
 
 
+NORM_CHECK = textwrap.dedent(f"""
+    import torch
+    from nuwaxl.models.frame_attention import frame_layer_norm
+    from nuwaxl.models.layers import TemporalAttention, temporal_attention_kernel, temporal_norm_kernel
+
+    torch.manual_seed(0)
+    for b, frames, s, d, heads in {CASES}:
+        x = torch.randn(b, frames, s, d) * 3 + 1
+        w, bias, table = torch.randn(d), torch.randn(d), torch.randn(frames, d)
+        ref = torch.nn.functional.layer_norm(x, (d,), w, bias, 1e-5) + table[:, None]
+        torch.testing.assert_close(frame_layer_norm(x, w, bias, table, 1e-5), ref, rtol=1e-5, atol=1e-5)
+        # through the layer, with non-zero LayerNorm parameters and output projection
+        layer = TemporalAttention(d, heads).eval()
+        layer.attn.to_out.weight.data.normal_(std=0.2)
+        layer.norm.weight.data.normal_()
+        layer.norm.bias.data.normal_()
+        xs = torch.randn(b * frames, s, d)
+        with torch.no_grad(), temporal_attention_kernel(layer, "math"):
+            reference = layer(xs, frames)
+            with temporal_norm_kernel(layer, "triton"):
+                torch.testing.assert_close(layer(xs, frames), reference, rtol=1e-5, atol=1e-5)
+    print("ok")
+""")
+
+
+@needs_triton
+def test_frame_layer_norm_kernel_equals_layer_norm_plus_position_in_the_interpreter():
+    """`TemporalAttention.norm_kernel = "triton"`: LayerNorm + frame position encoding in one kernel that writes
+    row-major, the same function (an experiment against the frames-innermost store Inductor chose for it)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-c", NORM_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
 @needs_triton
 def test_frame_attention_kernel_equals_attention_over_frames_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
