@@ -367,12 +367,12 @@ class Trainer:
         for b, (v, clip) in enumerate(picks):
             host[0, b] = corpus.offsets[v] + np.asarray(clip.positions)
             host[1, b, list(clip.cond_slots)] = 1
-        B, c, size = len(picks), self.models.config.unet.latent_channels, self.models.config.latent_size
+        B = len(picks)
         if into is None:
             return MtdBatch(torch.from_numpy(host).to(dev),
                             torch.rand((B, L), generator=gen, device=dev),
                             torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=gen, device=dev),
-                            torch.randn((B, L, c, size, size), generator=gen, device=dev),
+                            torch.randn(self._latents_shape(B), generator=gen, device=dev),
                             [bool(clip.cond_slots) for _, clip in picks])
         self._staged.synchronize()  # the previous step's copy has left the pinned buffer
         self._pinned.numpy()[:] = host
@@ -380,8 +380,13 @@ class Trainer:
         self._staged.record()
         torch.rand((B, L), generator=gen, out=into.drop)  # the same draws, in the same order, as eager steps
         torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=gen, out=into.t)
-        torch.randn((B, L, c, size, size), generator=gen, out=into.eps)
+        torch.randn(self._latents_shape(B), generator=gen, out=into.eps)
         return into
+
+    def _latents_shape(self, clips: int) -> tuple[int, ...]:
+        """(B, L, c, h, w): the MTD's latents (and noise) for `clips` clips."""
+        cfg = self.models.config
+        return (clips, self.L, cfg.unet.latent_channels, cfg.latent_size, cfg.latent_size)
 
     def _mtd_loss_of(self, batch: MtdBatch) -> torch.Tensor:
         opts, corpus, models = self.opts, self.corpus, self.models
@@ -429,11 +434,10 @@ class Trainer:
                 self._pinned = torch.zeros((2, B, L), dtype=torch.int64).pin_memory()
                 self._staged = torch.cuda.Event()
                 self._staged.record()
-                c, size = self.models.config.unet.latent_channels, self.models.config.latent_size
                 self._inputs = MtdBatch(torch.zeros((2, B, L), dtype=torch.int64, device=self.device),
                                         torch.zeros((B, L), device=self.device),
                                         torch.zeros((B,), dtype=torch.int64, device=self.device),
-                                        torch.zeros((B, L, c, size, size), device=self.device))
+                                        torch.zeros(self._latents_shape(B), device=self.device))
             batch = self._draw_mtd(self._inputs)
             # autocast's weight-cast cache must not outlive a step: under a graph the weights change every replay
             amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
